@@ -1,0 +1,124 @@
+"""Image processor for DeltaVLM: (before, after) pairs -> `pixel_values` of shape (B, 2, 3, H, W).
+
+Both images of a pair get exactly the same treatment as in the authors' `BlipImageEvalProcessor`:
+RGB, bicubic resize to 224x224, scale to [0, 1], normalise with the CLIP mean/std.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+# Images smaller than this are almost certainly a mistake (a thumbnail, an icon, a mask); LEVIR-CC tiles are 256.
+MIN_IMAGE_SIDE = 16
+
+
+def load_image(image):
+    """A path (str or Path) -> PIL image; any other accepted input is returned unchanged."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read {path} as an image: {error}") from error
+
+
+def _is_single_image(item) -> bool:
+    if isinstance(item, (Image.Image, str, os.PathLike)):
+        return True
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.ndim in (2, 3)
+    return False
+
+
+def make_pair_list(images) -> list[tuple]:
+    """Normalise the accepted forms into a list of (before, after) pairs.
+
+    Accepted: one pair `(before, after)`; a list of pairs `[(A1, B1), (A2, B2), ...]`; an array or
+    tensor of shape (2, ...) for one pair or (batch, 2, ...) for a batch. Each image may be a PIL
+    image, a numpy array, a tensor, or a file path.
+    """
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim == 4 and images.shape[0] == 2:  # (2, H, W, C) or (2, C, H, W): one pair
+            return [(images[0], images[1])]
+        if images.ndim == 5 and images.shape[1] == 2:
+            return [(pair[0], pair[1]) for pair in images]
+        raise ValueError(
+            f"an image array must have shape (2, ...) for one pair or (batch, 2, ...) for pairs, got {tuple(images.shape)}"
+        )
+    if _is_single_image(images):
+        raise ValueError("DeltaVLM needs a (before, after) pair of images, got a single image")
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(f"expected a (before, after) pair or a list of pairs, got {type(images).__name__}")
+    if all(_is_single_image(item) for item in images):
+        if len(images) != 2:
+            raise ValueError(f"a pair has exactly 2 images (before, after), got {len(images)}")
+        return [tuple(images)]
+    pairs = []
+    for index, pair in enumerate(images):
+        if _is_single_image(pair) or not isinstance(pair, (list, tuple, np.ndarray, torch.Tensor)):
+            raise ValueError(f"item {index} is not a (before, after) pair")
+        if len(pair) != 2:
+            raise ValueError(f"item {index} has {len(pair)} images; a pair has exactly 2 (before, after)")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+class DeltaVLMImageProcessor(PilBackend):
+    r"""
+    Processes (before, after) image pairs. Returns `pixel_values` of shape `(batch_size, 2, 3, height, width)`,
+    index 0 along dim 1 the before image. Defaults reproduce the authors' eval transform (bicubic 224x224, CLIP
+    normalisation); the same transform is applied to both images of a pair.
+    """
+
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = OPENAI_CLIP_MEAN
+    image_std = OPENAI_CLIP_STD
+    size = {"height": 224, "width": 224}
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+
+    def preprocess(self, images, *args, return_tensors="pt", **kwargs) -> BatchFeature:
+        pairs = make_pair_list(images)
+        flat = []
+        for index, pair in enumerate(pairs):
+            for which, image in zip(("before", "after"), pair):
+                image = load_image(image)
+                _check_image_size(image, f"pair {index}, {which} image")
+                flat.append(image)
+        features = super().preprocess(flat, *args, return_tensors="pt", **kwargs)
+        pixel_values = features["pixel_values"]  # (2B, C, H, W), before/after interleaved
+        pixel_values = pixel_values.reshape(len(pairs), 2, *pixel_values.shape[1:])
+        if return_tensors != "pt":
+            pixel_values = pixel_values.numpy()
+        return BatchFeature({"pixel_values": pixel_values})
+
+
+def _check_image_size(image, name: str) -> None:
+    if isinstance(image, Image.Image):
+        width, height = image.size
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        shape = tuple(image.shape)
+        # channels-first (C, H, W) when the first axis is small, else (H, W[, C])
+        height, width = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+    else:
+        raise ValueError(f"{name}: unsupported image type {type(image).__name__} (use PIL, numpy, torch or a path)")
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name} is {width}x{height} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is expected")
+
+
+__all__ = ["DeltaVLMImageProcessor"]
