@@ -1,0 +1,267 @@
+"""Loading ChangeChat-105k and LEVIR-CC annotations into one record format, as `datasets.Dataset`s.
+
+Three public layouts are read:
+
+* ChangeChat instruction files (binary, count, loc, open, dialog and the mixed train file): a JSON list of
+  `{"id", "image": [before, after], "conversations": [{"from": "human", "value": "<image> <image> ..."},
+  {"from": "gpt", "value": ...}, ...]}`;
+* ChangeChat caption files: a JSON list of `{"image_A", "image_B", "captions": [5 refs], "changeflag"}`;
+* LEVIR-CC's `LevirCCcaptions.json`: `{"images": [{"filepath", "filename", "imgid", "split", "sentences":
+  [{"raw", "tokens", ...}], "changeflag"}]}` with images at `{filepath}/A|B/{filename}`.
+
+Each becomes records with the columns of `RECORD_FEATURES`: `id`, `task`, `image_before`/`image_after`
+(absolute paths, checked to lie under the image root; images are decoded later, lazily), `questions` /
+`answers` (the dialogue rounds; one round for single-turn tasks), `references` (what the last answer is
+scored against: the five captions for captioning) and `changeflag` (-1 when unknown).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import datasets
+
+from .conversation import TASK_PROMPTS, conversation_to_rounds
+
+TASKS = ("caption", "binary", "count", "localization", "open", "dialogue")
+
+RECORD_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "task": datasets.Value("string"),
+        "image_before": datasets.Value("string"),
+        "image_after": datasets.Value("string"),
+        "questions": datasets.Sequence(datasets.Value("string")),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "references": datasets.Sequence(datasets.Value("string")),
+        "changeflag": datasets.Value("int32"),
+    }
+)
+
+# File-name suffixes of the ChangeChat-105k test files (changechat_105k_test_binary.json, ...).
+_FILE_SUFFIX_TASKS = {"binary": "binary", "count": "count", "loc": "localization", "open": "open", "dialog": "dialogue"}
+_NO_CHANGE_CAPTIONS = {
+    "there is no difference",
+    "the two scenes seem identical",
+    "the scene is the same as before",
+    "no change has occurred",
+    "almost nothing has changed",
+}
+
+
+def task_of_question(question: str) -> str:
+    """The ChangeChat task a question asks for, by its prompt text ("open" when it is none of the fixed ones)."""
+    text = _squash(question)
+    for task, prompt in (
+        ("caption", TASK_PROMPTS["caption"]),
+        ("caption", TASK_PROMPTS["dialogue_summary"]),
+        ("binary", TASK_PROMPTS["binary"]),
+        ("count", TASK_PROMPTS["count"]),
+        ("localization", TASK_PROMPTS["localization"]),
+    ):
+        if _squash(prompt) in text:
+            return task
+    return "open"
+
+
+def resolve_image(image_root: Path, relative: str, where: str) -> str:
+    """`image_root / relative` as an absolute path; refuses paths that escape the root."""
+    root = image_root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{where}: image path {relative!r} escapes the image root {root}")
+    return str(path)
+
+
+def load_changechat(annotation_file, image_root, task: str | None = None) -> datasets.Dataset:
+    """A ChangeChat file (instruction or caption schema) -> records. `task` overrides the task taken from the
+    file name (`..._binary.json` etc.); otherwise caption files are "caption", mixed files get a task per record
+    from their questions (one round: that question's task; several rounds: "dialogue")."""
+    annotation_file = Path(annotation_file)
+    entries = _read_json_list(annotation_file)
+    file_task = task or _task_from_file_name(annotation_file)
+    return _records_from_entries(entries, Path(image_root), file_task, annotation_file.name)
+
+
+def _records_from_entries(entries: list, image_root: Path, file_task: str | None, source: str) -> datasets.Dataset:
+    records = []
+    seen_ids = set()
+    for index, entry in enumerate(entries):
+        where = f"{source} record {index}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        if "conversations" in entry:
+            record = _instruction_record(entry, image_root, file_task, where)
+        elif "image_A" in entry:
+            record = _caption_record(entry, image_root, where, default_id=str(index))
+        else:
+            raise ValueError(f"{where}: neither 'conversations' (instruction schema) nor 'image_A' (caption schema)")
+        if record["id"] in seen_ids:
+            raise ValueError(f"{where}: duplicate id {record['id']!r}")
+        seen_ids.add(record["id"])
+        records.append(record)
+    return _to_dataset(records)
+
+
+def load_levircc(captions_file, image_root, split: str | None = "test") -> datasets.Dataset:
+    """LEVIR-CC's LevirCCcaptions.json -> caption records of one split (all splits with split=None).
+    Record ids are `Levir_CC_{split}_img{imgid}`, the convention of published prediction files."""
+    captions_file, image_root = Path(captions_file), Path(image_root)
+    try:
+        images = json.loads(captions_file.read_text())["images"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{captions_file}: not a LEVIR-CC captions file ({error})") from error
+    records = []
+    for index, image in enumerate(images):
+        if split is not None and image.get("split") != split:
+            continue
+        where = f"{captions_file.name} image {index}"
+        try:
+            folder, name, sentences = image["filepath"], image["filename"], image["sentences"]
+            references = [" ".join(sentence["tokens"]) for sentence in sentences]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{where}: missing key {error}") from error
+        records.append(
+            {
+                "id": f"Levir_CC_{image.get('split', folder)}_img{image.get('imgid', index)}",
+                "task": "caption",
+                "image_before": resolve_image(image_root, f"{folder}/A/{name}", where),
+                "image_after": resolve_image(image_root, f"{folder}/B/{name}", where),
+                "questions": [TASK_PROMPTS["caption"]],
+                "answers": [references[0] if references else ""],
+                "references": references,
+                "changeflag": int(image.get("changeflag", -1)),
+            }
+        )
+    if not records:
+        raise ValueError(f"{captions_file}: no images in split {split!r}")
+    return _to_dataset(records)
+
+
+def load_records(annotations, image_root=None, task: str | None = None, split: str | None = "test") -> datasets.Dataset:
+    """Any supported annotation source -> records: a ChangeChat JSON file, a LevirCCcaptions.json, or a
+    Hub dataset id / local `datasets` folder whose rows use one of the schemas (with `image_root` for paths)."""
+    path = Path(annotations)
+    if path.is_file():
+        if image_root is None:
+            raise ValueError(f"image_root is required with the annotation file {path}")
+        head = path.read_text()[:4096].lstrip()
+        if head.startswith("{") and '"images"' in head:
+            return load_levircc(path, image_root, split=split)
+        return load_changechat(path, image_root, task=task)
+    if path.suffix == ".json":
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    # a Hub dataset id or a saved `datasets` folder with rows in one of the ChangeChat schemas
+    rows = datasets.load_dataset(str(annotations), split=split or "test")
+    return _records_from_entries([dict(row) for row in rows], Path(image_root or "."), task, str(annotations))
+
+
+def missing_images(records: datasets.Dataset) -> list[str]:
+    """Paths of the records' images that do not exist on disk (checked before any compute is spent)."""
+    paths = set(records["image_before"]) | set(records["image_after"])
+    return sorted(path for path in paths if not Path(path).is_file())
+
+
+def is_unchanged_caption_set(references: list[str]) -> bool:
+    """LEVIR-CC gives every unchanged pair the same five template sentences."""
+    return bool(references) and all(_squash(reference) in _NO_CHANGE_CAPTIONS for reference in references)
+
+
+# --- helpers ---
+
+
+def _squash(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
+def _task_from_file_name(path: Path) -> str | None:
+    suffix = path.stem.rsplit("_", 1)[-1].lower()
+    return _FILE_SUFFIX_TASKS.get(suffix)
+
+
+def _read_json_list(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if isinstance(data, dict) and "annotations" in data:
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _instruction_record(entry: dict, image_root: Path, file_task: str | None, where: str) -> dict:
+    images = entry.get("image")
+    if not isinstance(images, list) or len(images) != 2 or not all(isinstance(i, str) for i in images):
+        raise ValueError(f"{where}: 'image' must be a list of two paths [before, after], got {images!r}")
+    if not isinstance(entry.get("conversations"), list):
+        raise ValueError(f"{where}: 'conversations' must be a list of turns")
+    try:
+        rounds = conversation_to_rounds(entry["conversations"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    if file_task is not None:
+        task = file_task
+    elif len(rounds) > 1:
+        task = "dialogue"
+    else:
+        task = task_of_question(rounds[0][0])
+    record_id = entry.get("id")
+    if record_id is None:
+        raise ValueError(f"{where}: missing 'id'")
+    answers = [answer for _, answer in rounds]
+    return {
+        "id": str(record_id),
+        "task": task,
+        "image_before": resolve_image(image_root, images[0], where),
+        "image_after": resolve_image(image_root, images[1], where),
+        "questions": [question for question, _ in rounds],
+        "answers": answers,
+        "references": [answers[-1]],
+        "changeflag": int(entry.get("changeflag", -1)),
+    }
+
+
+def _caption_record(entry: dict, image_root: Path, where: str, default_id: str) -> dict:
+    captions = entry.get("captions")
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
+    if not isinstance(entry.get("image_B"), str):
+        raise ValueError(f"{where}: missing 'image_B'")
+    references = [caption.replace(" .", "").strip() for caption in captions]
+    changeflag = entry.get("changeflag")
+    if changeflag is None:
+        changeflag = 0 if is_unchanged_caption_set(references) else 1
+    return {
+        "id": str(entry.get("id", entry.get("image_id", Path(entry["image_A"]).stem or default_id))),
+        "task": "caption",
+        "image_before": resolve_image(image_root, entry["image_A"], where),
+        "image_after": resolve_image(image_root, entry["image_B"], where),
+        "questions": [TASK_PROMPTS["caption"]],
+        "answers": [references[0]],
+        "references": references,
+        "changeflag": int(changeflag),
+    }
+
+
+def _to_dataset(records: list[dict]) -> datasets.Dataset:
+    if not records:
+        raise ValueError("no records")
+    columns = {name: [record[name] for record in records] for name in RECORD_FEATURES}
+    return datasets.Dataset.from_dict(columns, features=RECORD_FEATURES)
+
+
+__all__ = [
+    "RECORD_FEATURES",
+    "TASKS",
+    "is_unchanged_caption_set",
+    "load_changechat",
+    "load_levircc",
+    "load_records",
+    "missing_images",
+    "resolve_image",
+    "task_of_question",
+]
