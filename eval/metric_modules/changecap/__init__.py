@@ -1,0 +1,1 @@
+"""The ChangeCap `evaluate` module (changecap.py); this file only makes the folder ship with the package."""

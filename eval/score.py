@@ -1,0 +1,522 @@
+"""`deltavlm score`: score a prediction file against references, no model needed.
+
+    deltavlm score --predictions P [--references R] [--task caption|binary|count|localization|open|dialogue]
+                   [--protocol standard|authors] [--split test] [--out metrics.json] [--no-meteor]
+
+Prediction files (JSON list / JSON object / JSONL, one record per line):
+- CCExpert layout: {"uid": "Levir_CC_test_img<imgid>", "pred": str, "change_caption": [refs]};
+- simple lists: {"id" | "uid" | "image_id" | "question_id" | "filename": ..., "prediction" | "pred" |
+  "caption" | "answer" | "text": str}, or one JSON object mapping id -> prediction text;
+- DeltaVLM's eval output: one object per line {"id": str, "task": one of TASKS, "prediction": str
+  (dialogue: the list of per-turn answers), "references": [str] (caption: every reference caption;
+  binary/count/localization/open: [the reference answer]; dialogue: the per-turn reference
+  answers), "questions": [str] (dialogue only), "changed": bool (captions, optional)}.
+A record's references are used when --references is not given. Of records with the same id only
+the first is kept (the CCExpert file repeats 7 uids); the duplicates are counted.
+
+Reference files: LEVIR-CC `LevirCCcaptions.json` ({"images": [...]}, only --split, default test,
+is used), a ChangeChat caption file ([{image_A, image_B, captions, changeflag}]) or a ChangeChat
+instruction file ([{"id", "image": [A, B], "conversations": [...]}]; one round = the task its
+question asks for, several rounds = a dialogue).
+
+Id matching: every reference registers a few aliases and a prediction matches the first alias its
+id equals, as written, as a file name without folders, or without its extension. LEVIR-CC pair:
+`Levir_CC_<split>_img<imgid>`, the file name `test_000123.png` / `test_000123`, and the imgid
+("8148"; a bare number is the imgid, never the file number). ChangeChat caption pair: image_A's
+path, file name and stem. ChangeChat instruction item: its "id". Unmatched ids on either side are
+counted and reported; the intersection is scored, and an empty intersection is an error.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+from processing.conversation import conversation_to_rounds
+
+from eval.metrics import (
+    CAPTION_METRICS,
+    PROTOCOLS,
+    TASKS,
+    binary_metrics,
+    caption_scores,
+    caption_scores_by_change,
+    count_metrics,
+    is_no_change_caption_set,
+    localization_metrics,
+    parse_answer,
+    score_dialogues,
+    task_of_question,
+)
+from eval.parsers import CATEGORIES
+
+ID_KEYS = ("id", "uid", "image_id", "question_id", "filename")
+TEXT_KEYS = ("prediction", "pred", "caption", "answer", "text", "generated")
+REFERENCE_KEYS = ("references", "change_caption", "reference", "captions")
+LIST_KEYS = ("predictions", "results", "annotations", "data")  # JSON objects that wrap the record list
+EXAMPLES_SHOWN = 5
+
+
+class ScoreError(ValueError):
+    """Bad input: the message is printed as the command's one error line."""
+
+
+@dataclass
+class Reference:
+    """The gold side of one sample.
+
+    answers: caption -> the reference captions; binary/count/localization/open -> [the answer];
+    dialogue -> the answer of each turn. questions: dialogue only. changed: the pair's changeflag
+    where the source has one.
+    """
+
+    id: str
+    task: str | None
+    answers: list
+    questions: list | None = None
+    changed: bool | None = None
+    aliases: tuple = ()
+
+
+@dataclass
+class Prediction:
+    id: str
+    text: str | list
+    task: str | None = None
+    references: list | None = None
+    questions: list | None = None
+    changed: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+def read_records(path: str | Path, what: str = "file") -> list | dict:
+    """Parse a JSON or JSONL file. A `.jsonl` file, or one that holds several JSON values, is
+    read line by line (blank lines skipped). Raises ScoreError naming the line of a syntax error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ScoreError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    if not text.strip():
+        raise ScoreError(f"{what} {path} is empty")
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            if not error.msg.startswith("Extra data"):  # a single broken JSON document
+                raise ScoreError(f"{what} {path} line {error.lineno}: invalid JSON ({error.msg})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ScoreError(f"{what} {path} line {number}: invalid JSON ({error.msg})") from None
+    return records
+
+
+def id_aliases(value) -> list[str]:
+    """The strings an id can be matched by: as written, without folders, without extension."""
+    text = str(value).strip()
+    name = PureWindowsPath(text).name  # handles both / and \\ separators
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return list(dict.fromkeys([text, name, stem]))
+
+
+def load_predictions(path: str | Path) -> tuple[list[Prediction], int]:
+    """Prediction records of a file -> (predictions with unique ids, number of duplicates dropped)."""
+    data = read_records(path, "prediction file")
+    records = _record_list(data)
+    if not records:
+        raise ScoreError(f"prediction file {path} holds no predictions")
+    predictions, seen, duplicates = [], set(), 0
+    for number, record in enumerate(records, start=1):
+        prediction = _prediction_from_record(record, number, path)
+        if prediction.id in seen:
+            duplicates += 1  # keep the first, as the published CCExpert scores did
+            continue
+        seen.add(prediction.id)
+        predictions.append(prediction)
+    return predictions, duplicates
+
+
+def _record_list(data) -> list:
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        for key in LIST_KEYS:
+            if isinstance(data.get(key), list):
+                return data[key]
+        if _first_key(data, TEXT_KEYS) is not None:
+            return [data]  # a single record
+        if data and all(isinstance(v, str) for v in data.values()):
+            return [{"id": key, "prediction": value} for key, value in data.items()]
+    raise ScoreError("prediction file: expected a list of records, JSONL, or an object mapping ids to predictions")
+
+
+def _first_key(record: dict, keys: tuple) -> str | None:
+    return next((key for key in keys if key in record), None)
+
+
+def _prediction_from_record(record, number: int, path) -> Prediction:
+    where = f"prediction file {path} record {number}"
+    if not isinstance(record, dict):
+        raise ScoreError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    id_key, text_key = _first_key(record, ID_KEYS), _first_key(record, TEXT_KEYS)
+    if id_key is None:
+        raise ScoreError(f"{where}: no id field (one of {', '.join(ID_KEYS)})")
+    if text_key is None:
+        raise ScoreError(f"{where}: no prediction field (one of {', '.join(TEXT_KEYS)})")
+    ref_key = _first_key(record, REFERENCE_KEYS)
+    references = record.get(ref_key) if ref_key else None
+    if isinstance(references, str):
+        references = [references]
+    task = record.get("task")
+    if task is not None and task not in TASKS:
+        raise ScoreError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    changed = record.get("changed", record.get("changeflag"))
+    return Prediction(
+        id=str(record[id_key]),
+        text=record[text_key] if isinstance(record[text_key], list) else str(record[text_key] or ""),
+        task=task,
+        references=references,
+        questions=record.get("questions"),
+        changed=None if changed is None else bool(changed),
+    )
+
+
+def load_references(path: str | Path, split: str = "test") -> list[Reference]:
+    """A LEVIR-CC, ChangeChat caption or ChangeChat instruction file -> references (schema by content)."""
+    data = read_records(path, "reference file")
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _levir_cc_references(data["images"], split)
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        if "conversations" in data[0]:
+            return _instruction_references(data, path)
+        if "captions" in data[0]:
+            return _caption_file_references(data)
+    raise ScoreError(
+        f"reference file {path}: unknown layout; expected LevirCCcaptions.json ({{'images': [...]}}), "
+        "a ChangeChat caption list ([{image_A, captions, changeflag}]) or a ChangeChat instruction list "
+        "([{id, image, conversations}])"
+    )
+
+
+def _levir_cc_references(images: list, split: str) -> list[Reference]:
+    references = []
+    for image in images:
+        if split != "all" and image.get("split") != split:
+            continue
+        filename, imgid, image_split = image["filename"], image["imgid"], image["split"]
+        uid = f"Levir_CC_{image_split}_img{imgid}"
+        references.append(Reference(
+            id=uid,
+            task="caption",
+            # `raw` (" there is no difference .") rather than `tokens`: the authors' protocol reads it;
+            # under the standard protocol both give the same token string for every LEVIR-CC sentence.
+            answers=[sentence["raw"] for sentence in image["sentences"]],
+            changed=bool(image["changeflag"]) if "changeflag" in image else None,
+            aliases=(uid, *id_aliases(filename), str(imgid)),
+        ))
+    if not references:
+        raise ScoreError(f"LEVIR-CC reference file has no pairs in split {split!r} (use --split train|val|test|all)")
+    return references
+
+
+def _caption_file_references(items: list) -> list[Reference]:
+    references = []
+    for item in items:
+        image_a = str(item.get("image_A", ""))
+        aliases = id_aliases(image_a)
+        references.append(Reference(
+            id=aliases[-1],
+            task="caption",
+            answers=list(item["captions"]),
+            changed=bool(item["changeflag"]) if "changeflag" in item else None,
+            aliases=tuple(aliases),
+        ))
+    return references
+
+
+def _instruction_references(items: list, path) -> list[Reference]:
+    references = []
+    for number, item in enumerate(items, start=1):
+        try:
+            rounds = conversation_to_rounds(item["conversations"])
+        except (KeyError, ValueError) as error:
+            raise ScoreError(f"reference file {path} item {number}: {error}") from None
+        questions = [question for question, _ in rounds]
+        answers = [answer for _, answer in rounds]
+        task = "dialogue" if len(rounds) > 1 else task_of_question(questions[0])
+        references.append(Reference(
+            id=str(item["id"]), task=task, answers=answers, questions=questions, aliases=(str(item["id"]),)
+        ))
+    return references
+
+
+def inline_references(predictions: list[Prediction]) -> list[Reference]:
+    """References carried by the prediction records themselves (CCExpert, DeltaVLM eval output)."""
+    missing = [p.id for p in predictions if not p.references]
+    if missing:
+        raise ScoreError(
+            f"no --references given and {len(missing)} prediction records carry no references "
+            f"(e.g. id {missing[0]!r}; fields {', '.join(REFERENCE_KEYS)})"
+        )
+    return [
+        Reference(id=p.id, task=p.task, answers=list(p.references), questions=p.questions, changed=p.changed,
+                  aliases=(p.id,))
+        for p in predictions
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# matching and scoring
+
+def match(predictions: list[Prediction], references: list[Reference]) -> tuple[list, dict]:
+    """Pair predictions with references by id (see the module docstring).
+
+    Returns ([(prediction, reference)] in reference order, report) where report counts
+    num_predictions, num_references, num_matched, num_missing (references without a prediction)
+    and num_extra (predictions without a reference), with a few example ids of each.
+    """
+    by_alias: dict[str, Reference] = {}
+    for reference in references:
+        for alias in reference.aliases or (reference.id,):
+            by_alias.setdefault(alias, reference)  # first wins if two references share an alias
+    matched: dict[str, Prediction] = {}
+    extra = []
+    for prediction in predictions:
+        reference = next((by_alias[a] for a in id_aliases(prediction.id) if a in by_alias), None)
+        if reference is None:
+            extra.append(prediction.id)
+        else:
+            matched.setdefault(reference.id, prediction)
+    pairs = [(matched[r.id], r) for r in references if r.id in matched]
+    missing = [r.id for r in references if r.id not in matched]
+    report = {
+        "num_predictions": len(predictions),
+        "num_references": len(references),
+        "num_matched": len(pairs),
+        "num_missing": len(missing),
+        "num_extra": len(extra),
+        "missing_examples": missing[:EXAMPLES_SHOWN],
+        "extra_examples": extra[:EXAMPLES_SHOWN],
+    }
+    return pairs, report
+
+
+def score_pairs(pairs: list, task: str | None = None, protocol: str = "standard",
+                meteor: bool = True) -> tuple[dict, int]:
+    """Scores per task of matched (prediction, reference) pairs.
+
+    task: score every pair as this task (a reference of another known task is left out and
+    counted), or None to use each reference's own task (caption when the source does not say).
+    Returns ({task: scores}, number of pairs left out for being another task); binary / count /
+    localization scores also count num_unparsed_references, the references whose answer could not
+    be parsed (left out, with a warning).
+    """
+    groups: dict[str, list] = {}
+    skipped_other_task = 0
+    for prediction, reference in pairs:
+        own_task = reference.task or prediction.task
+        if task is not None and own_task not in (None, task):
+            skipped_other_task += 1
+            continue
+        groups.setdefault(task or own_task or "caption", []).append((prediction, reference))
+    if not groups:
+        raise ScoreError(f"no matched sample is a {task!r} sample ({skipped_other_task} of other tasks)")
+    return {name: _score_group(name, group, protocol, meteor) for name, group in groups.items()}, skipped_other_task
+
+
+def _score_group(task: str, group: list, protocol: str, meteor: bool) -> dict:
+    texts = [_single_text(p, task) for p, _ in group] if task != "dialogue" else None
+    if task == "caption":
+        references = [r.answers for _, r in group]
+        changed = [
+            r.changed if r.changed is not None else not is_no_change_caption_set(r.answers) for _, r in group
+        ]
+        return caption_scores_by_change(texts, references, changed, protocol=protocol, meteor=meteor)
+    if task == "open":
+        return caption_scores(texts, [r.answers[:1] for _, r in group], protocol=protocol, meteor=meteor)
+    if task == "dialogue":
+        return score_dialogues([_dialogue(p, r) for p, r in group], protocol=protocol, meteor=meteor)
+    return _score_parsed_task(task, texts, [r.answers[0] for _, r in group])
+
+
+def _score_parsed_task(task: str, texts: list[str], answers: list[str]) -> dict:
+    gold = [parse_answer(task, answer) for answer in answers]
+    kept = [i for i, label in enumerate(gold) if label is not None]
+    metric = {"binary": binary_metrics, "count": count_metrics, "localization": localization_metrics}[task]
+    scores = metric([parse_answer(task, texts[i]) for i in kept], [gold[i] for i in kept])
+    scores["num_unparsed_references"] = len(gold) - len(kept)
+    if len(gold) != len(kept):
+        print(f"deltavlm score: warning: {len(gold) - len(kept)} {task} reference answers cannot be parsed "
+              f"and are left out (e.g. {answers[gold.index(None)]!r})", file=sys.stderr)
+    return scores
+
+
+def _single_text(prediction: Prediction, task: str) -> str:
+    if isinstance(prediction.text, list):
+        raise ScoreError(f"prediction {prediction.id!r}: a list of answers is only valid for dialogues, not {task}")
+    return prediction.text
+
+
+def _dialogue(prediction: Prediction, reference: Reference) -> dict:
+    questions = reference.questions or prediction.questions
+    answers = prediction.text if isinstance(prediction.text, list) else [prediction.text]
+    if not questions or len(answers) != len(reference.answers):
+        raise ScoreError(
+            f"dialogue {prediction.id!r}: {len(answers)} predicted turns, {len(reference.answers)} reference turns, "
+            f"{len(questions or [])} questions; a dialogue prediction must list one answer per turn"
+        )
+    return {"questions": questions, "predictions": answers, "references": reference.answers}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+def _number(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _caption_rows(named_scores: dict) -> str:
+    rows = [[name, str(s["num_samples"]), *(_number(s[m]) for m in CAPTION_METRICS)] for name, s in named_scores.items()]
+    return _table(["pairs", "N", *CAPTION_METRICS], rows)
+
+
+def task_table(task: str, scores: dict) -> str:
+    """Markdown table of one task's scores."""
+    if task == "caption":
+        return _caption_rows(scores)
+    if task == "open":
+        return _caption_rows({"all": scores})
+    if task == "binary":
+        return _table(
+            ["N", "unparsed", "accuracy", "precision", "recall", "F1"],
+            [[str(scores["num_samples"]), str(scores["num_unparsed"]),
+              *(_number(scores[k]) for k in ("accuracy", "precision", "recall", "f1"))]],
+        )
+    if task == "count":
+        return _table(
+            ["category", "N", "unparsed", "MAE", "RMSE"],
+            [[c, str(scores["num_samples"]), str(scores["num_unparsed"]), _number(scores[c]["mae"], 3),
+              _number(scores[c]["rmse"], 3)] for c in CATEGORIES],
+        )
+    if task == "localization":
+        keys = ("precision", "recall", "f1", "jaccard", "exact_match")
+        return _table(
+            ["category", "N", "unparsed", "Hamming loss", "P", "R", "F1", "Jaccard", "exact match"],
+            [[c, str(scores["num_samples"]), str(scores["num_unparsed"]), _number(scores[c]["hamming_loss"], 4),
+              *(_number(scores[c][k]) for k in keys)] for c in CATEGORIES],
+        )
+    if task == "dialogue":
+        parts = []
+        for turn, by_task in scores["turns"].items():
+            for turn_task, turn_scores in by_task.items():
+                flat_task = "open" if turn_task == "caption" else turn_task  # turn captions have no subsets
+                parts.append(f"turn {turn} ({turn_task})\n\n{task_table(flat_task, turn_scores)}")
+        parts.append(f"final turn (caption metrics)\n\n{_caption_rows({'all': scores['final_turn']})}")
+        return "\n\n".join(parts)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def markdown_report(results: dict) -> str:
+    sections = []
+    for task in TASKS:
+        if task in results["tasks"]:
+            sections.append(f"### {task}\n\n{task_table(task, results['tasks'][task])}")
+    return "\n\n".join(sections)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltavlm score",
+        description="Score a prediction file against references (no model needed). Prints a Markdown table.",
+    )
+    parser.add_argument("--predictions", required=True, help="JSON or JSONL prediction file")
+    parser.add_argument("--references", help="LevirCCcaptions.json, a ChangeChat caption or instruction file; "
+                        "default: the references inside the prediction records")
+    parser.add_argument("--task", choices=TASKS, help="score every sample as this task (default: from the references)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="standard",
+                        help="caption normalisation: standard (DESIGN.md §5) or the authors' notebooks")
+    parser.add_argument("--split", default="test", help="LEVIR-CC split to score against (train|val|test|all)")
+    parser.add_argument("--out", help="write the scores as JSON here")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs java and ~5 s to start)")
+    return parser
+
+
+def score_files(predictions_path, references_path=None, task=None, protocol="standard", split="test",
+                meteor=True) -> dict:
+    """Everything `deltavlm score` does short of printing: returns the JSON-ready result."""
+    predictions, duplicates = load_predictions(predictions_path)
+    references = load_references(references_path, split) if references_path else inline_references(predictions)
+    pairs, report = match(predictions, references)
+    report["num_duplicate_predictions"] = duplicates
+    if not pairs:
+        raise ScoreError(
+            f"no prediction id matches a reference id (predictions like {predictions[0].id!r}, "
+            f"references like {references[0].id!r})"
+        )
+    if report["num_missing"] or report["num_extra"]:
+        print(
+            f"deltavlm score: warning: {report['num_missing']} references have no prediction "
+            f"(e.g. {report['missing_examples'][:2]}), {report['num_extra']} predictions match no reference "
+            f"(e.g. {report['extra_examples'][:2]}); scoring the {report['num_matched']} matched",
+            file=sys.stderr,
+        )
+    scores, report["num_skipped_other_tasks"] = score_pairs(pairs, task=task, protocol=protocol, meteor=meteor)
+    return {
+        "predictions": str(predictions_path),
+        "references": str(references_path) if references_path else "inline",
+        "protocol": protocol,
+        "matching": report,
+        "tasks": scores,
+    }
+
+
+def main(argv=None) -> int:
+    """`deltavlm score ...`: returns 0, or 2 with one error line on stderr for bad input."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help or an argparse error (already printed)
+        return int(stop.code or 0)
+    try:
+        results = score_files(args.predictions, args.references, args.task, args.protocol, args.split,
+                              meteor=not args.no_meteor)
+    except ScoreError as error:
+        print(f"deltavlm score: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown_report(results))
+    for message in dict.fromkeys(_meteor_errors(results["tasks"])):  # each distinct message once
+        print(f"\nnote: {message}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def _meteor_errors(scores) -> list[str]:
+    """Every METEOR message anywhere in the nested scores."""
+    if not isinstance(scores, dict):
+        return []
+    found = [scores["meteor_error"]] if "meteor_error" in scores else []
+    for value in scores.values():
+        found += _meteor_errors(value)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

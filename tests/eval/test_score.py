@@ -1,0 +1,212 @@
+"""`deltavlm score`: file layouts, id matching, bad input, and the CCExpert reproduction end to end."""
+
+import json
+
+import pytest
+
+import deltavlm_cli
+from eval.score import id_aliases, main
+from processing.conversation import TASK_PROMPTS
+
+CCEXPERT = "data/predictions/ccexpert_7b_levircc_test.jsonl"
+LEVIR_CC = "data/levir_cc/LevirCCcaptions.json"
+CCEXPERT_EXPECTED = {
+    "BLEU-1": 86.65, "BLEU-2": 78.47, "BLEU-3": 71.31, "BLEU-4": 65.48,
+    "METEOR": 41.82, "ROUGE-L": 76.54, "CIDEr": 143.28,
+}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_id_aliases():
+    assert id_aliases("images/test/A/test_000123.png") == ["images/test/A/test_000123.png", "test_000123.png", "test_000123"]
+    assert id_aliases(8148) == ["8148"]
+
+
+@pytest.mark.parametrize("references", ["levir", "inline"])
+def test_ccexpert_reproduction_through_cli(shared_dir, tmp_path, capsys, references):
+    """Against LevirCCcaptions.json (changed/unchanged from changeflag) and against the file's own
+    references (unchanged = the five no-change templates): the same published numbers."""
+    out = tmp_path / "metrics.json"
+    argv = ["score", "--predictions", str(shared_dir / CCEXPERT), "--out", str(out)]
+    if references == "levir":
+        argv += ["--references", str(shared_dir / LEVIR_CC)]
+    assert deltavlm_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| all | 1929 | 86.65 | 78.47 | 71.31 | 65.48 | 41.82 | 76.54 | 143.28 |" in printed
+    results = json.loads(out.read_text())
+    assert results["matching"]["num_matched"] == 1929
+    assert results["matching"]["num_duplicate_predictions"] == 7
+    caption = results["tasks"]["caption"]
+    for metric, expected in CCEXPERT_EXPECTED.items():
+        assert caption["all"][metric] == pytest.approx(expected, abs=0.01), metric
+    assert (caption["changed"]["num_samples"], caption["unchanged"]["num_samples"]) == (964, 965)
+
+
+def test_levir_cc_id_forms_and_missing(shared_dir, tmp_path, capsys):
+    predictions = write_json(tmp_path / "p.json", [
+        {"uid": "Levir_CC_test_img8148", "pred": "the scene is the same as before"},
+        {"image_id": "test_000289.png", "caption": "a road is built"},
+        {"id": 8149, "prediction": "there is no difference"},
+        {"id": "not_an_image", "prediction": "x"},
+    ])
+    out = tmp_path / "m.json"
+    code, _, err = run(["--predictions", predictions, "--references", str(shared_dir / LEVIR_CC),
+                        "--no-meteor", "--out", str(out)], capsys)
+    assert code == 0
+    matching = json.loads(out.read_text())["matching"]
+    assert (matching["num_matched"], matching["num_extra"], matching["num_missing"]) == (3, 1, 1926)
+    assert matching["extra_examples"] == ["not_an_image"]
+    assert "1926 references have no prediction" in err
+
+
+def test_no_matching_ids_is_an_error(shared_dir, tmp_path, capsys):
+    predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "val_000001", "pred": "x"}])
+    code, _, err = run(["--predictions", predictions, "--references", str(shared_dir / LEVIR_CC)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "no prediction id matches a reference id" in err
+
+
+def test_empty_prediction_file(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run(["--predictions", str(empty)], capsys)
+    assert code == 2 and "is empty" in err and err.count("\n") == 1
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "pred": "x", "references": ["x"]}\n\n{"id": "b", "pred": oops}\n')
+    code, _, err = run(["--predictions", str(path)], capsys)
+    assert code == 2 and "line 3" in err and err.count("\n") == 1
+
+
+def test_missing_fields_and_files(tmp_path, capsys):
+    code, _, err = run(["--predictions", write_jsonl(tmp_path / "p.jsonl", [{"pred": "x"}])], capsys)
+    assert code == 2 and "no id field" in err
+    code, _, err = run(["--predictions", write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "pred": "x"}])], capsys)
+    assert code == 2 and "carry no references" in err
+    code, _, err = run(["--predictions", str(tmp_path / "absent.json")], capsys)
+    assert code == 2 and "cannot read" in err
+    assert main(["--task", "poetry", "--predictions", "x"]) == 2
+    assert main(["--help"]) == 0
+
+
+def test_changechat_caption_file(tmp_path, capsys):
+    references = write_json(tmp_path / "refs.json", [
+        {"image_A": "test/A/test_000001.png", "image_B": "test/B/test_000001.png",
+         "captions": ["a road is built", "a new road appears"], "changeflag": 1},
+        {"image_A": "test/A/test_000002.png", "image_B": "test/B/test_000002.png",
+         "captions": ["there is no difference"], "changeflag": 0},
+    ])
+    predictions = write_json(tmp_path / "p.json", {"test_000001.png": "a road is built", "test_000002": "no change"})
+    out = tmp_path / "m.json"
+    code, printed, _ = run(["--predictions", predictions, "--references", references, "--no-meteor",
+                            "--out", str(out)], capsys)
+    assert code == 0 and "| changed | 1 |" in printed
+    caption = json.loads(out.read_text())["tasks"]["caption"]
+    assert caption["changed"]["BLEU-4"] == pytest.approx(100.0, abs=1e-5)
+    assert caption["unchanged"]["num_samples"] == 1
+
+
+def conversation(*turns):
+    messages = []
+    for question, answer in turns:
+        messages += [{"from": "human", "value": "<image> <image> " + question}, {"from": "gpt", "value": answer}]
+    return messages
+
+
+def test_changechat_instruction_file_all_tasks(tmp_path, capsys):
+    references = write_json(tmp_path / "instructions.json", [
+        {"id": "b1", "image": ["A/1.png", "B/1.png"], "conversations": conversation((TASK_PROMPTS["binary"], "Yes."))},
+        {"id": "b2", "image": ["A/2.png", "B/2.png"], "conversations": conversation((TASK_PROMPTS["binary"], "No."))},
+        {"id": "c1", "image": ["A/1.png", "B/1.png"],
+         "conversations": conversation((TASK_PROMPTS["count"], "There are 2 new roads and 3 new buildings."))},
+        {"id": "l1", "image": ["A/1.png", "B/1.png"],
+         "conversations": conversation((TASK_PROMPTS["localization"], "roads ['top-left'] buildings ['center-center']"))},
+        {"id": "o1", "image": ["A/1.png", "B/1.png"],
+         "conversations": conversation(("What replaced the trees?", "a road replaced the trees"))},
+        {"id": "d1", "image": ["A/1.png", "B/1.png"], "conversations": conversation(
+            (TASK_PROMPTS["binary"], "Yes."), (TASK_PROMPTS["count"], "1 road and 0 buildings"),
+            (TASK_PROMPTS["dialogue_summary"], "a road is built"))},
+    ])
+    predictions = write_json(tmp_path / "p.json", [
+        {"question_id": "b1", "answer": "yes"},
+        {"question_id": "b2", "answer": "I cannot tell"},
+        {"question_id": "c1", "answer": "two roads and one building"},
+        {"question_id": "l1", "answer": "roads top-left buildings"},
+        {"question_id": "o1", "answer": "a road replaced the trees"},
+        {"question_id": "d1", "answer": ["yes", "one road and no buildings", "a road is built"]},
+    ])
+    out = tmp_path / "m.json"
+    code, printed, _ = run(["--predictions", predictions, "--references", references, "--no-meteor",
+                            "--out", str(out)], capsys)
+    assert code == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["binary"]["num_unparsed"] == 1 and tasks["binary"]["accuracy"] == 50.0
+    assert tasks["count"]["buildings"]["mae"] == 2.0 and tasks["count"]["roads"]["mae"] == 0.0
+    assert tasks["localization"]["roads"]["exact_match"] == 100.0
+    assert tasks["localization"]["buildings"]["recall"] == 0.0
+    assert tasks["open"]["ROUGE-L"] == pytest.approx(100.0)
+    assert tasks["dialogue"]["turns"]["2"]["count"]["roads"]["mae"] == 0.0
+    assert tasks["dialogue"]["final_turn"]["BLEU-1"] == pytest.approx(100.0, abs=1e-5)
+    for heading in ("### binary", "### count", "### localization", "### open", "### dialogue"):
+        assert heading in printed
+
+    code, _, _ = run(["--predictions", predictions, "--references", references, "--task", "binary",
+                      "--no-meteor", "--out", str(out)], capsys)
+    results = json.loads(out.read_text())
+    assert code == 0 and list(results["tasks"]) == ["binary"]
+    assert results["matching"]["num_skipped_other_tasks"] == 4
+
+
+def test_deltavlm_eval_output_layout(tmp_path, capsys):
+    predictions = write_jsonl(tmp_path / "eval.jsonl", [
+        {"id": "1", "task": "caption", "prediction": "a road is built", "references": ["a road is built", "new road"]},
+        {"id": "2", "task": "binary", "prediction": "no", "references": ["Yes."]},
+        {"id": "3", "task": "dialogue", "prediction": ["yes", "a road"],
+         "references": ["Yes.", "a road is built"], "questions": [TASK_PROMPTS["binary"], "what changed?"]},
+    ])
+    out = tmp_path / "m.json"
+    code, _, _ = run(["--predictions", predictions, "--no-meteor", "--out", str(out)], capsys)
+    tasks = json.loads(out.read_text())["tasks"]
+    assert code == 0
+    assert tasks["binary"]["accuracy"] == 0.0 and tasks["binary"]["recall"] == 0.0
+    assert tasks["caption"]["all"]["num_samples"] == 1
+    assert set(tasks["dialogue"]["turns"]["2"]) == {"open"}
+
+
+def test_unparseable_reference_is_counted(tmp_path, capsys):
+    predictions = write_jsonl(tmp_path / "eval.jsonl", [
+        {"id": "1", "task": "binary", "prediction": "yes", "references": ["Yes."]},
+        {"id": "2", "task": "binary", "prediction": "yes", "references": ["the weather is nice"]},
+    ])
+    out = tmp_path / "m.json"
+    code, _, err = run(["--predictions", predictions, "--out", str(out)], capsys)
+    binary = json.loads(out.read_text())["tasks"]["binary"]
+    assert code == 0 and binary["num_unparsed_references"] == 1 and binary["num_samples"] == 1
+    assert "cannot be parsed" in err
+
+
+def test_missing_java_still_scores(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "1", "pred": "a road", "references": ["a road"]}])
+    out = tmp_path / "m.json"
+    code, printed, _ = run(["--predictions", predictions, "--out", str(out)], capsys)
+    caption = json.loads(out.read_text())["tasks"]["caption"]["all"]
+    assert code == 0 and caption["METEOR"] is None and caption["ROUGE-L"] == pytest.approx(100.0)
+    assert "java" in caption["meteor_error"] and "java" in printed
