@@ -203,6 +203,9 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        if config.language_model_weights:
+            # the folder holds no language-model weights: `from_pretrained` fills them from the reference
+            self._keys_to_ignore_on_load_missing = {*self._keys_to_ignore_on_load_missing, r"^language_model\."}
 
     # --- embeddings plumbing (resize_token_embeddings, tying, generation) ---
 
@@ -226,7 +229,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
     def set_trainable_as_paper(self) -> dict[str, int]:
         """Freeze what the paper freezes and return the trainable parameter count per component.
 
-        Trainable: the last `config.num_trainable_vision_layers` ViT blocks, `ln_vision`, the difference
+        Trainable: the last `config.num_trainable_vision_layers` ViT blocks (all of them plus the patch and
+        position embeddings when that number is the ViT's depth), `ln_vision`, the difference
         module, the query tokens, the Q-Former and the projection. Frozen: the rest of the ViT and the
         language model.
         """
@@ -235,6 +239,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         vision_layers = self.vision_model.encoder.layers
         trainable = {
             "vision_layers": list(vision_layers)[len(vision_layers) - num_trainable :],
+            # all blocks trainable means the ViT is trained from scratch (DeltaVLM-Nano): its embeddings too
+            "vision_embeddings": [self.vision_model.embeddings] if num_trainable == len(vision_layers) else [],
             "ln_vision": [self.vision_model.post_layernorm],
             "difference_module": [self.difference_module],
             "qformer": [self.qformer],
@@ -454,9 +460,48 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         language_model_inputs = language_model_inputs.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), language_model_inputs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`. A folder whose config names `language_model_weights` (written by
+        `deltavlm convert --no-llm`) holds no language-model weights: they are read from that reference."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        if model.config.language_model_weights:
+            model._load_referenced_language_model(pretrained_model_name_or_path)
+        return loaded
+
+    def _load_referenced_language_model(self, folder) -> None:
+        source = self.config.language_model_weights
+        inside = os.path.join(str(folder), source) if folder is not None and not os.path.isabs(source) else None
+        if inside is not None and os.path.isdir(inside):
+            source = inside
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        # Free the placeholder weights first (keep shapes on meta), so the peak is one language model, not two.
+        for module in self.language_model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                module._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        reference = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        state_dict = reference.state_dict()
+        del reference
+        vocab_size = self.config.text_config.vocab_size
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if key in state_dict and state_dict[key].shape[0] < vocab_size:
+                state_dict[key] = append_mean_rows(state_dict[key], vocab_size - state_dict[key].shape[0])
+        try:
+            self.language_model.load_state_dict(state_dict, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"language_model_weights={source!r} does not fit this model's text_config: {error}") from error
+        self.language_model.tie_weights()
+        self.language_model.to(self.query_tokens.device)
+
     def save_pretrained(self, save_directory, *args, model_card: str | None = None, **kwargs):
         """transformers' `save_pretrained`, plus a model card (README.md with Hub metadata) when the folder has
-        none. `model_card` replaces the generated card (the converter and the demo state their provenance)."""
+        none. `model_card` replaces the generated card (the converter and the demo state their provenance).
+        With `config.language_model_weights` set, the language model is left out (it is read from there)."""
+        if self.config.language_model_weights and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = {
+                key: value for key, value in self.state_dict().items() if not key.startswith("language_model.")
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
         card_path = os.path.join(save_directory, "README.md")
         if model_card is not None or not os.path.exists(card_path):
@@ -511,6 +556,18 @@ print(processor.batch_decode(output_ids, prompt_length=inputs["input_ids"].shape
 """
 
 
+def append_mean_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """`weight` (V, H) with `num_rows` rows appended, each the mean of the existing rows (computed in float32).
+
+    This is the value of the `[PAD]` rows of the released checkpoint's input embedding and lm_head: the authors
+    re-randomised them at every load (normal(0, 0.02)) and never saved them. The mean is deterministic, needs no
+    storage (a `--no-llm` folder recomputes it from the base model), and as an lm_head row gives `[PAD]` the average
+    logit, far below the top tokens, so generation never picks it.
+    """
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(num_rows, -1)], dim=0)
+
+
 def _check_pixel_values(pixel_values: torch.Tensor) -> None:
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
@@ -535,6 +592,7 @@ def _freeze_key_bias(attention: nn.Module) -> None:
 
 
 __all__ = [
+    "append_mean_rows",
     "DeltaVLMDifferenceModule",
     "DeltaVLMForConditionalGeneration",
     "DeltaVLMPreTrainedModel",

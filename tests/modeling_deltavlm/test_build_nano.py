@@ -1,0 +1,32 @@
+"""DeltaVLM-Nano from its PyPI parts (slow: loading the GGUF takes ~30 s)."""
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+from modeling_deltavlm.build_nano import build_nano, minilm_dir  # noqa: E402
+
+
+@pytest.mark.slow
+def test_nano_builds_from_pretrained_parts_and_keeps_minilm_text_path(sample_pairs):
+    model, processor = build_nano()
+    assert model.config.text_config.vocab_size == 49152 and model.config.image_token_id == 49152
+    counts = model.set_trainable_as_paper()
+    assert counts["vision_embeddings"] > 0  # the ViT is trained from scratch, embeddings included
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    # the Q-Former's text path (no queries, no cross-attention) computes MiniLM's BertModel output
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(minilm_dir()).eval()
+    model.eval()
+    ids = processor.qformer_tokenizer(["please judge whether these two images have changed"], return_tensors="pt")
+    with torch.no_grad():
+        expected = bert(**ids).last_hidden_state
+        ours = model.qformer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    inputs = processor(images=sample_pairs[:2], text=["q describe", "q describe the change"])
+    output = model.generate(**inputs, max_new_tokens=4)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert output.shape[0] == 2 and prompt_length < output.shape[1] <= prompt_length + 4
+    assert torch.equal(output[:, :prompt_length], inputs["input_ids"])
