@@ -1,0 +1,292 @@
+"""Synthetic change data: determinism, exact ground truth, and the public file formats."""
+
+import io
+import json
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import deltavlm_cli
+from processing.conversation import GRID_CELLS, TASK_PROMPTS, conversation_to_rounds
+from train.synthetic import NO_CHANGE_CAPTIONS, count_answer, encode_png, generate_pair, parse_count_answer, write_dataset
+from train.synthetic.language import GroundTruth
+
+TASKS = ("caption", "binary", "count", "loc", "open", "dialog")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def count_blobs(mask: np.ndarray) -> int:
+    """8-connected components of a boolean mask (plain BFS: independent of the generator's code)."""
+    seen = np.zeros_like(mask, bool)
+    height, width = mask.shape
+    blobs = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        blobs += 1
+        seen[y, x] = True
+        queue = deque([(y, x)])
+        while queue:
+            cy, cx = queue.popleft()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = cy + dy, cx + dx
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+    return blobs
+
+
+def cells_of(mask: np.ndarray, min_pixels: int = 12) -> list:
+    """The documented rule: a 3x3 cell counts when >= 12 mask pixels (at 256 px) fall in it; edges at round(k*size/3)."""
+    size = mask.shape[0]
+    edges = [round(k * size / 3) for k in range(4)]
+    return [
+        GRID_CELLS[3 * r + c]
+        for r in range(3)
+        for c in range(3)
+        if mask[edges[r] : edges[r + 1], edges[c] : edges[c + 1]].sum() >= min_pixels
+    ]
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_dataset(out, num_pairs=30, seed=11)
+    return out
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_pairs_and_different_seeds_differ():
+    first, again, other = generate_pair(5), generate_pair(5), generate_pair(6)
+    assert np.array_equal(first.image_a, again.image_a) and np.array_equal(first.image_b, again.image_b)
+    assert np.array_equal(first.mask, again.mask) and first.captions == again.captions
+    assert not np.array_equal(first.image_a, other.image_a)
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    runs = {}
+    for name, seed in (("one", 3), ("two", 3), ("other", 4)):
+        write_dataset(tmp_path / name, num_pairs=5, seed=seed)
+        runs[name] = {p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
+    assert runs["one"] == runs["two"]
+    assert runs["one"].keys() == runs["other"].keys()
+    assert runs["one"][Path("images/train/A/train_000001.png")] != runs["other"][Path("images/train/A/train_000001.png")]
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+
+
+@pytest.mark.parametrize("variation", ["light", "heavy"])
+def test_counts_and_cells_agree_with_the_mask(variation):
+    changed = 0
+    for seed in range(24):
+        pair = generate_pair(seed, variation=variation)
+        truth, mask = pair.truth, pair.mask
+        assert set(np.unique(mask)) <= {0, 128, 255}
+        assert count_blobs(mask == 128) == truth.roads_changed, seed
+        assert count_blobs(mask == 255) == truth.buildings_changed, seed
+        assert cells_of(mask == 128) == truth.road_cells, seed
+        assert cells_of(mask == 255) == truth.building_cells, seed
+        assert truth.changeflag == int(mask.any()) == int(bool(truth.road_cells or truth.building_cells))
+        if truth.changeflag:
+            changed += 1
+            assert len(set(pair.captions)) == 5
+        else:
+            assert pair.captions == list(NO_CHANGE_CAPTIONS)
+        assert pair.image_a.shape == pair.image_b.shape == (256, 256, 3) and pair.image_a.dtype == np.uint8
+    assert 4 <= changed <= 20  # about half the pairs change, as in LEVIR-CC
+
+
+@pytest.mark.parametrize("variation", ["light", "heavy"])
+def test_changes_stand_out_from_the_nuisances(variation):
+    """After removing global brightness/contrast, A and B differ much more inside the mask than outside it."""
+
+    def standardise(image):
+        image = image.astype(float)
+        return (image - image.mean((0, 1))) / image.std((0, 1))
+
+    for seed in range(20):
+        pair = generate_pair(seed, variation=variation)
+        if pair.truth.changeflag:
+            diff = np.abs(standardise(pair.image_a) - standardise(pair.image_b)).sum(-1)
+            assert diff[pair.mask > 0].mean() > 1.5 * diff[pair.mask == 0].mean(), seed
+
+
+def test_written_masks_match_metadata(dataset):
+    meta = load(dataset / "metadata.json")
+    assert meta["seed"] == 11 and len(meta["pairs"]) == 30
+    for entry in meta["pairs"]:
+        mask = read_png(dataset / "images" / entry["split"] / "label" / entry["filename"])
+        assert mask.dtype == np.uint8 and mask.ndim == 2
+        assert count_blobs(mask == 128) == entry["roads_added"] + entry["roads_removed"] == entry["roads_changed"]
+        assert count_blobs(mask == 255) == entry["buildings_changed"]
+        assert cells_of(mask == 128) == entry["road_cells"] and cells_of(mask == 255) == entry["building_cells"]
+
+
+def test_encode_png_round_trips():
+    rgb = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    grey = rgb[..., 0].copy()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(rgb)))), rgb)
+    assert Image.open(io.BytesIO(encode_png(grey))).mode == "L"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(grey)))), grey)
+
+
+# ---------------------------------------------------------------------------------------------- LEVIR-CC format
+
+
+def _shape(value):
+    """Key set and value types of a JSON object, recursively for dicts (lists by first element)."""
+    if isinstance(value, dict):
+        return {key: _shape(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return ["list", _shape(value[0]) if value else None]
+    return type(value).__name__
+
+
+def test_levircc_schema_is_identical_to_the_public_file(dataset, shared_dir):
+    public = load(shared_dir / "data" / "levir_cc" / "LevirCCcaptions.json")
+    ours = load(dataset / "LevirCCcaptions.json")
+    assert set(ours) == set(public) == {"images"}
+    public_shape = _shape(public["images"][0])
+    for entry in ours["images"]:
+        assert _shape(entry) == public_shape
+    unchanged_public = next(e for e in public["images"] if e["changeflag"] == 0)
+    unchanged_ours = next(e for e in ours["images"] if e["changeflag"] == 0)
+    assert [s["raw"] for s in unchanged_ours["sentences"]] == [s["raw"] for s in unchanged_public["sentences"]]
+    assert [s["tokens"] for s in unchanged_ours["sentences"]] == [s["tokens"] for s in unchanged_public["sentences"]]
+
+
+def test_levircc_entries_are_consistent(dataset):
+    entries = load(dataset / "LevirCCcaptions.json")["images"]
+    assert [e["imgid"] for e in entries] == list(range(30))
+    assert [e["split"] for e in entries] == ["train"] * 21 + ["val"] * 3 + ["test"] * 6
+    assert entries[21]["filename"] == "val_000001.png"
+    sentids = [s for e in entries for s in e["sentids"]]
+    assert len(sentids) == len(set(sentids)) == 150
+    for e in entries:
+        assert e["filepath"] == e["split"] and e["filename"].startswith(e["split"] + "_")
+        for k in ("A", "B"):
+            image = Image.open(dataset / "images" / e["split"] / k / e["filename"])
+            assert image.mode == "RGB" and image.size == (256, 256)
+        for sentence, sentid in zip(e["sentences"], e["sentids"]):
+            raw = sentence["raw"]
+            assert raw.startswith(" ") and raw.endswith(" .") and raw == raw.lower()
+            assert sentence["tokens"] == raw.split()[:-1]
+            assert sentence["imgid"] == e["imgid"] and sentence["sentid"] == sentid
+            assert all(token.isalpha() for token in sentence["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------- ChangeChat format
+
+
+def test_changechat_files_parse_and_answers_match_truth(dataset):
+    annotations = dataset / "annotations"
+    truth_by_stem = {p["filename"][:-4]: p for p in load(dataset / "metadata.json")["pairs"]}
+    assert not (annotations / "changechat_train_binary.json").exists()
+    for split, n in (("train", 21), ("val", 3), ("test", 6)):
+        mixed = load(annotations / f"changechat_{split}.json")
+        assert len(mixed) == 6 * n
+        for record in mixed:
+            assert set(record) == {"id", "image", "conversations"} and isinstance(record["id"], str)
+            assert record["conversations"][0]["value"].startswith("<image> <image> ")
+            assert conversation_to_rounds(record["conversations"])
+            for path in record["image"]:
+                assert (dataset / "images" / path).is_file()
+        if split == "train":
+            continue
+        files = {task: load(annotations / f"changechat_{split}_{task}.json") for task in TASKS}
+        assert all(len(records) == n for records in files.values())
+        for record in files["caption"]:
+            assert set(record) == {"image_A", "image_B", "captions", "changeflag", "id"}
+            assert record["image_A"] == f"{split}/A/{record['id']}.png" and len(record["captions"]) == 5
+            assert record["changeflag"] == truth_by_stem[record["id"]]["changeflag"]
+        for task in TASKS[1:]:
+            for record in files[task]:
+                stem = record["image"][0].split("/")[-1][:-4]
+                truth = truth_by_stem[stem]
+                rounds = conversation_to_rounds(record["conversations"])
+                if task == "binary":
+                    assert rounds == [(TASK_PROMPTS["binary"], "Yes" if truth["changeflag"] else "No")]
+                if task == "count":
+                    assert rounds[0][0] == TASK_PROMPTS["count"]
+                    assert parse_count_answer(rounds[0][1]) == (truth["roads_changed"], truth["buildings_changed"])
+                if task == "loc":
+                    assert rounds == [(TASK_PROMPTS["localization"], f"roads {truth['road_cells']} buildings {truth['building_cells']}")]
+                if task == "open":
+                    assert len(rounds) == 1 and rounds[0][1]
+                if task == "dialog":
+                    assert [q for q, _ in rounds] == [TASK_PROMPTS["binary"], TASK_PROMPTS["count"], TASK_PROMPTS["dialogue_summary"]]
+                    caption = next(c for c in files["caption"] if c["id"] == stem)
+                    assert rounds[2][1] == caption["captions"][0]
+
+
+def test_count_answer_form():
+    def truth(roads, buildings):
+        return GroundTruth(roads, 0, buildings, 0, [], [])
+
+    assert count_answer(truth(0, 0)) == "No roads has changed, and no buildings has changed."
+    assert count_answer(truth(1, 3)) == "1 road has changed, and 3 buildings have changed."
+    for roads, buildings in [(0, 2), (2, 0), (1, 1), (3, 12)]:
+        assert parse_count_answer(count_answer(truth(roads, buildings))) == (roads, buildings)
+    assert parse_count_answer("2 new roads and 3 new buildings") == (2, 3)  # the authors' form also parses
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_writes_a_dataset(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert deltavlm_cli.main(["synth", "--out", str(out), "--pairs", "12"]) == 0
+    meta = load(out / "metadata.json")
+    assert meta["split_sizes"] == {"train": 8, "val": 1, "test": 3}
+    assert len(load(out / "LevirCCcaptions.json")["images"]) == 12
+    assert "wrote 12 pairs" in capsys.readouterr().out
+
+
+def test_cli_options(tmp_path):
+    out = tmp_path / "small"
+    args = ["synth", "--out", str(out), "--pairs", "4", "--seed", "7", "--size", "128", "--splits", "train=0.5,test=0.5", "--variation", "heavy"]
+    assert deltavlm_cli.main(args) == 0
+    assert Image.open(out / "images" / "test" / "B" / "test_000002.png").size == (128, 128)
+    assert (out / "annotations" / "changechat_test_dialog.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--pairs", "0"], "--pairs"),
+        (["--pairs", "-3"], "--pairs"),
+        (["--pairs", "x"], "--pairs"),
+        (["--pairs", "2", "--splits", "train=0.5,test=0.2"], "sum to 1"),
+        (["--pairs", "2", "--variation", "extreme"], "--variation"),
+        (["--pairs", "2", "--size", "16"], "--size"),
+    ],
+)
+def test_cli_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, expected):
+    assert deltavlm_cli.main(["synth", "--out", str(tmp_path / "x")] + extra) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err
+
+
+def test_cli_refuses_a_file_as_output(tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    assert deltavlm_cli.main(["synth", "--out", str(path), "--pairs", "2"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err
