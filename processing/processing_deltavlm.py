@@ -168,8 +168,9 @@ class DeltaVLMProcessor(ProcessorMixin):
         ids, mask = self._tokenize(prompts, budget, side="left", truncation_side="left")
         if bos_id is not None:
             # Put bos right before each prompt's first token, i.e. in the last padding column.
-            ids = torch.cat([torch.full_like(ids[:, :1], self._pad_id()), ids], dim=1)
-            mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
+            column = (ids.shape[0], 1)  # (not ids[:, :1]: every prompt may be empty, leaving zero columns)
+            ids = torch.cat([torch.full(column, self._pad_id(), dtype=ids.dtype), ids], dim=1)
+            mask = torch.cat([torch.zeros(column, dtype=mask.dtype), mask], dim=1)
             bos_column = (ids.shape[1] - 1 - mask.sum(dim=1)).unsqueeze(1)  # (B, 1)
             ids.scatter_(1, bos_column, bos_id)
             mask.scatter_(1, bos_column, 1)
@@ -186,6 +187,9 @@ class DeltaVLMProcessor(ProcessorMixin):
         )
         answer_ids, answer_mask = self._tokenize(answers, self.max_answer_tokens - 1, side="right", truncation_side="right")
         batch_size = prompt_ids.shape[0]
+        # one spare padding column, so the gathers below have something to index when every prompt is empty
+        prompt_ids = torch.cat([prompt_ids, torch.full((batch_size, 1), pad_id, dtype=prompt_ids.dtype)], dim=1)
+        prompt_mask = torch.cat([prompt_mask, torch.zeros((batch_size, 1), dtype=prompt_mask.dtype)], dim=1)
         if bos_id is not None:
             prompt_ids = torch.cat([torch.full((batch_size, 1), bos_id, dtype=prompt_ids.dtype), prompt_ids], dim=1)
             prompt_mask = torch.cat([torch.ones((batch_size, 1), dtype=prompt_mask.dtype), prompt_mask], dim=1)
