@@ -81,6 +81,10 @@ class DeltaVLMConfig(PreTrainedConfig):
     ln_vision_eps (`float`, defaults to 1e-5): eps of `ln_vision`, LAVIS' LayerNorm on the ViT output.
         It is torch's default, unlike the ViT's own 1e-6 (LAVIS builds it as `LayerNorm(1408)`).
     num_trainable_vision_layers (`int`, defaults to 2): final ViT blocks trained by the paper (37, 38).
+    language_model_weights (`str`, *optional*): path or Hub id of a causal LM whose weights fill `language_model`
+        when the folder is loaded (`deltavlm convert --no-llm` writes such folders, which then hold no LLM weights).
+        Rows the reference lacks (the `[PAD]` token) are appended as the mean of its other rows. A relative path is
+        looked up inside the loaded folder first.
     """
 
     model_type = "deltavlm"
@@ -101,6 +105,7 @@ class DeltaVLMConfig(PreTrainedConfig):
     ln_vision_eps: float = 1e-5
     num_trainable_vision_layers: int = 2
     initializer_range: float = 0.02
+    language_model_weights: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
