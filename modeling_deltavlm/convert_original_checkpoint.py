@@ -101,13 +101,17 @@ def load_torch_file(path, what: str) -> object:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as error:
         if "mmap" not in str(error):
-            raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {error}") from error
+            raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
     except Exception as error:  # noqa: BLE001 - pickle/zip errors come in many types
-        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {error}") from error
+        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
     try:  # legacy (non-zip) files cannot be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {error}") from error
+        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def load_original_checkpoint(path) -> dict:
@@ -810,7 +814,8 @@ def main(argv=None) -> int:
             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"deltavlm convert: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the underlying library wrote
+        print(f"deltavlm convert: error: {message}", file=sys.stderr)
         return 1
     print(f"wrote {report.out}: {report.mapped} tensors, {len(report.ignored)} input keys ignored, "
           f"{len(report.superseded)} superseded (see conversion_report.json)")
