@@ -1,0 +1,172 @@
+"""Training and validation data: ChangeChat-105k files and LEVIR-CC captions -> (images, prompt, answer) samples.
+
+Records come from `processing.changechat_data.load_records` (one record per image pair and dialogue). Training
+samples are strings only; images stay paths until the collator opens them, so a 100k-sample data set costs
+nothing to build.
+
+- Dialogues: one sample per round, as the authors trained (`expand_rounds`: earlier answers are the ground truth).
+- Caption records (LEVIR-CC, ChangeChat caption files) carry five references: with `captions_per_pair="all"`
+  (default) each reference is one sample, so an epoch sees every caption once and the data order is a
+  plain, resumable permutation; "first" keeps one sample per pair.
+- Templates: "deltavlm" renders prompts as the released checkpoint saw them ("q: Q1 a: A1  q: Q2", lowercased,
+  punctuation dropped, the last 50 words kept) and normalises answers the same way (first 50 words kept, as the
+  authors' `blip_caption` did); "plain" uses the current question and the answer verbatim, which is what the
+  processor's `prompt_format="plain"` renders at inference.
+"""
+
+import logging
+import warnings
+
+import datasets
+
+from processing.changechat_data import load_records, missing_images
+from processing.conversation import MAX_PROMPT_WORDS, TASK_PROMPTS, expand_rounds, normalize_text
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "task": datasets.Value("string"),
+        "image_before": datasets.Value("string"),
+        "image_after": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "index": datasets.Value("int64"),  # row number: the augmentation's per-sample seed
+    }
+)
+MAX_ANSWER_WORDS = 50  # blip_caption's max_words, applied by the authors to the targets as well
+
+
+def load_train_records(data_args) -> datasets.Dataset:
+    """All training annotation sources -> one record set, validated before any model is loaded."""
+    parts = []
+    if data_args.train_files and data_args.image_root is None:
+        raise ValueError("data.image_root is required with data.train_files")
+    for path in data_args.train_files:
+        parts.append(load_records(path, data_args.image_root))
+    if data_args.levircc_captions is not None and data_args.levircc_train_split is not None:
+        parts.append(load_records(data_args.levircc_captions, _levircc_root(data_args), split=data_args.levircc_train_split))
+    if not parts:
+        raise ValueError("no training data: set data.train_files and/or data.levircc_captions")
+    records = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    check_answers(records)
+    return check_images(records, skip_missing=data_args.skip_missing_images, what="training")
+
+
+def load_val_records(data_args) -> datasets.Dataset | None:
+    """LEVIR-CC's validation split (caption records with five references), or None when not configured."""
+    if data_args.val_split is None:
+        return None
+    if data_args.levircc_captions is None:
+        raise ValueError(f"data.val_split={data_args.val_split!r} needs data.levircc_captions (or set val_split: null)")
+    records = load_records(data_args.levircc_captions, _levircc_root(data_args), split=data_args.val_split)
+    if data_args.val_max_samples is not None:
+        records = records.select(range(min(data_args.val_max_samples, len(records))))
+    return check_images(records, skip_missing=data_args.skip_missing_images, what="validation")
+
+
+def check_answers(records: datasets.Dataset) -> None:
+    """Every round needs a non-empty answer: a dialogue ending in a question cannot be trained on."""
+    bad = [
+        record_id
+        for record_id, questions, answers in zip(records["id"], records["questions"], records["answers"])
+        if not answers or len(answers) != len(questions) or any(not a.strip() for a in answers)
+    ]
+    if bad:
+        raise ValueError(f"{len(bad)} record(s) have a question without an answer (first ids: {bad[:10]})")
+
+
+def check_images(records: datasets.Dataset, skip_missing: bool, what: str) -> datasets.Dataset:
+    """Fail listing the missing image files, or (skip_missing) drop the records that use them and say how many."""
+    missing = missing_images(records)
+    if not missing:
+        return records
+    if not skip_missing:
+        listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} {what} image file(s) not found (set data.skip_missing_images to drop their records):\n  {listed}"
+        )
+    missing = set(missing)
+    keep = [
+        i
+        for i, (before, after) in enumerate(zip(records["image_before"], records["image_after"]))
+        if before not in missing and after not in missing
+    ]
+    logger.warning("%s: skipped %d of %d records whose images are missing", what, len(records) - len(keep), len(records))
+    if not keep:
+        raise FileNotFoundError(f"no {what} record has both of its images on disk")
+    return records.select(keep)
+
+
+def render_sample(question_rounds: list[tuple[str, str]], template: str) -> list[tuple[str, str]]:
+    """The (prompt, answer) training pairs of one dialogue, one per round."""
+    if template == "plain":
+        return [(question, answer.strip()) for question, answer in question_rounds]
+    if template != "deltavlm":
+        raise ValueError(f"template must be 'deltavlm' or 'plain', got {template!r}")
+    return [
+        (
+            normalize_text(prompt, max_words=MAX_PROMPT_WORDS, truncation_side="left"),
+            normalize_text(answer, max_words=MAX_ANSWER_WORDS, truncation_side="right"),
+        )
+        for prompt, answer in expand_rounds(question_rounds)
+    ]
+
+
+def caption_prompt(template: str) -> str:
+    """The validation prompt (LEVIR-CC captioning) in a template."""
+    return render_sample([(TASK_PROMPTS["caption"], "-")], template)[0][0]
+
+
+def records_to_samples(records: datasets.Dataset, template: str = "deltavlm", captions_per_pair: str = "all") -> datasets.Dataset:
+    """Records -> flat training samples (SAMPLE_FEATURES), images still as paths."""
+    if captions_per_pair not in ("all", "first"):
+        raise ValueError(f"captions_per_pair must be 'all' or 'first', got {captions_per_pair!r}")
+
+    def expand(batch):
+        out = {name: [] for name in SAMPLE_FEATURES}
+        for i, record_id in enumerate(batch["id"]):
+            questions, answers, references = batch["questions"][i], batch["answers"][i], batch["references"][i]
+            if batch["task"][i] == "caption" and len(questions) == 1 and captions_per_pair == "all" and references:
+                rounds_list = [[(questions[0], reference)] for reference in references]
+            else:
+                rounds_list = [list(zip(questions, answers))]
+            for rounds in rounds_list:
+                for prompt, answer in render_sample(rounds, template):
+                    out["id"].append(record_id)
+                    out["task"].append(batch["task"][i])
+                    out["image_before"].append(batch["image_before"][i])
+                    out["image_after"].append(batch["image_after"][i])
+                    out["prompt"].append(prompt)
+                    out["answer"].append(answer)
+        out["index"] = [0] * len(out["id"])  # filled below, once rows from all batches are in place
+        return out
+
+    with warnings.catch_warnings(record=True) as caught:  # one truncation warning per long prompt: count them instead
+        warnings.simplefilter("always")
+        samples = records.map(
+            expand, batched=True, remove_columns=records.column_names, features=SAMPLE_FEATURES, load_from_cache_file=False
+        )
+    if caught:
+        logger.info("%d prompts/answers were truncated to %d words", len(caught), MAX_PROMPT_WORDS)
+    return samples.map(lambda _, i: {"index": i}, with_indices=True, features=SAMPLE_FEATURES)
+
+
+def _levircc_root(data_args) -> str:
+    root = data_args.levircc_image_root or data_args.image_root
+    if root is None:
+        raise ValueError("data.levircc_image_root (or data.image_root) is required with data.levircc_captions")
+    return root
+
+
+__all__ = [
+    "SAMPLE_FEATURES",
+    "caption_prompt",
+    "check_answers",
+    "check_images",
+    "load_train_records",
+    "load_val_records",
+    "records_to_samples",
+    "render_sample",
+]

@@ -1,0 +1,70 @@
+"""After training: a complete model folder that `from_pretrained` loads (LLM included), and for LoRA runs the
+adapter folder as well.
+
+The adapter folder is peft's (`adapter_config.json`, `adapter_model.safetensors`: the LLM's LoRA weights) plus
+`non_lora_trainables.safetensors` with the rest of what was trained (ViT blocks, ln_vision, CSRM, query tokens,
+Q-Former, projection), which peft's own files cannot carry (`query_tokens` is a bare parameter).
+`load_lora_adapter` puts both back on a base model.
+"""
+
+import os
+
+import safetensors.torch
+import torch
+
+NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
+
+
+def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = None, merge_lora: bool = True,
+                 state_dict: dict | None = None) -> str:
+    """Write `export_dir` (config, weights, processor, code, model card). A LoRA model also gets
+    `export_dir/adapter`; with `merge_lora` the adapters are merged into the exported weights, otherwise only the
+    adapter folder is written. `state_dict`: a gathered full state dict (DeepSpeed ZeRO-3 / FSDP)."""
+    os.makedirs(export_dir, exist_ok=True)
+    if is_peft_model(model):
+        save_lora_adapter(model, os.path.join(export_dir, "adapter"))
+        if not merge_lora:
+            processor.save_pretrained(os.path.join(export_dir, "adapter"))
+            return os.path.join(export_dir, "adapter")
+        model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+        if state_dict is not None:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.save_pretrained(export_dir, state_dict=state_dict)
+    processor.save_pretrained(export_dir)
+    return export_dir
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_lora_adapter(peft_model, adapter_dir: str) -> None:
+    peft_model.save_pretrained(adapter_dir)
+    base = peft_model.get_base_model()
+    lora_names = {name for name, _ in base.named_parameters() if "lora_" in name}  # peft's lora_A / lora_B naming
+    weights = {
+        name: param.detach().to("cpu").contiguous()
+        for name, param in base.named_parameters()
+        if param.requires_grad and name not in lora_names
+    }
+    safetensors.torch.save_file(weights, os.path.join(adapter_dir, NON_LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def load_lora_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
+    """A DeltaVLM base model + an adapter folder written by `save_lora_adapter` -> the trained PeftModel."""
+    from peft import PeftModel
+
+    weights = safetensors.torch.load_file(os.path.join(adapter_dir, NON_LORA_WEIGHTS_NAME))
+    result = base_model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{adapter_dir}: weights the model does not have: {result.unexpected_keys[:5]}")
+    return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
+
+
+__all__ = ["NON_LORA_WEIGHTS_NAME", "export_model", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]

@@ -1,0 +1,156 @@
+"""Model set-up for training: load, freeze as the paper, LoRA, mixed-precision dtypes.
+
+Everything here takes the model and plain arguments and returns the model: no Trainer involved.
+"""
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+import modeling_deltavlm  # noqa: F401  (registers DeltaVLM with the Auto classes)
+from modeling_deltavlm import DeltaVLMConfig, DeltaVLMForConditionalGeneration
+from processing import DeltaVLMImageProcessor, DeltaVLMProcessor
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model_and_processor(model_args):
+    """A DeltaVLM folder (or, with `init_from_instructblip`, an InstructBLIP checkpoint) -> (model, processor)."""
+    if model_args.model_name_or_path is None:
+        raise ValueError("model.model_name_or_path is required")
+    overrides = {}
+    if model_args.use_difference_module is not None:
+        overrides["use_difference_module"] = model_args.use_difference_module
+    dtype = "auto" if model_args.dtype == "auto" else DTYPES[model_args.dtype]
+    if model_args.qlora:
+        overrides["quantization_config"] = _qlora_quantization_config()
+    if model_args.init_from_instructblip:
+        model, processor = init_from_instructblip(model_args.model_name_or_path, dtype=dtype, **overrides)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=dtype, **overrides)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    check_processor_matches(model, processor)
+    return model, processor
+
+
+def init_from_instructblip(path, dtype="auto", **overrides):
+    """An InstructBLIP checkpoint -> DeltaVLM with every shared weight loaded (ViT, `post_layernorm` as ln_vision,
+    Q-Former, query tokens, projection, LLM) and a freshly initialised difference module.
+
+    The module names are InstructBLIP's (shared/DESIGN.md §4), so `from_pretrained(path, config=deltavlm_config)`
+    loads all of it by name. The processor reuses the checkpoint's two tokenizers."""
+    instructblip_config = AutoConfig.from_pretrained(path)
+    if instructblip_config.model_type != "instructblip":
+        raise ValueError(f"{path}: model_type {instructblip_config.model_type!r}, expected 'instructblip'")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    qformer_tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
+    image_size = instructblip_config.vision_config.image_size
+    processor = DeltaVLMProcessor(
+        DeltaVLMImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer,
+        qformer_tokenizer,
+        num_query_tokens=instructblip_config.num_query_tokens,
+    )
+    config = DeltaVLMConfig(
+        vision_config=instructblip_config.vision_config.to_dict(),
+        qformer_config=instructblip_config.qformer_config.to_dict(),
+        text_config=instructblip_config.text_config.to_dict(),
+        num_query_tokens=instructblip_config.num_query_tokens,
+        image_token_id=processor.image_token_id,
+        **{k: v for k, v in overrides.items() if k != "quantization_config"},
+    )
+    extra = {k: v for k, v in overrides.items() if k == "quantization_config"}
+    model = DeltaVLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **extra)
+    return model, processor
+
+
+def check_processor_matches(model, processor) -> None:
+    config = model.config
+    if processor.image_token_id != config.image_token_id or processor.num_query_tokens != config.num_query_tokens:
+        raise ValueError(
+            f"processor and model disagree: image token {processor.image_token_id} vs {config.image_token_id}, "
+            f"{processor.num_query_tokens} vs {config.num_query_tokens} query tokens"
+        )
+
+
+def freeze_as_paper(model) -> dict[str, int]:
+    """Train what the paper trains (last two ViT blocks, ln_vision, CSRM, queries, Q-Former, projection)."""
+    counts = model.set_trainable_as_paper()
+    logger.info("trainable parameters: %s", counts)
+    return counts
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def apply_lora(model, model_args):
+    """LoRA adapters on the language model's `lora_target_modules`, with the paper's non-LLM set still trained.
+
+    peft's `get_peft_model` freezes every base weight; the paper's set is switched back on afterwards instead of
+    going through `modules_to_save`, which copies modules and cannot hold the bare `query_tokens` parameter
+    (shared/DESIGN.md §4). The checkpoint format (trainable weights by name) then covers adapters and the rest alike.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if model_args.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    modules = "|".join(model_args.lora_target_modules)
+    lora_config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        # a regex over full module names: adapters only inside the language model, whatever the ViT/Q-Former call theirs
+        target_modules=rf"language_model\..*\.({modules})",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    adapters = [param for param in peft_model.parameters() if param.requires_grad]
+    if not adapters:
+        raise ValueError(f"no language-model module matches lora_target_modules={model_args.lora_target_modules}")
+    model.set_trainable_as_paper()  # `model` is the base inside peft_model: freezes adapters too, so re-enable them
+    for param in adapters:
+        param.requires_grad_(True)
+    return peft_model
+
+
+def cast_for_mixed_precision(model, dtype: torch.dtype | None) -> None:
+    """Frozen weights in `dtype` (half the memory), trainable weights in fp32 (AdamW updates of 1e-5 * lr vanish in
+    bf16, and fp16 AMP refuses to unscale fp16 gradients). Autocast then runs the matmuls in `dtype`."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+        elif dtype is not None and param.dtype.is_floating_point:
+            param.data = param.data.to(dtype)
+
+
+def _qlora_quantization_config():
+    if not torch.cuda.is_available():
+        raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        # only the language model is quantized: everything trained in full stays in full precision
+        llm_int8_skip_modules=["vision_model", "qformer", "difference_module", "language_projection", "query_tokens", "lm_head"],
+    )
+
+
+__all__ = [
+    "apply_lora",
+    "cast_for_mixed_precision",
+    "check_processor_matches",
+    "freeze_as_paper",
+    "init_from_instructblip",
+    "load_model_and_processor",
+    "trainable_parameter_names",
+]

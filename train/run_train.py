@@ -1,0 +1,111 @@
+"""`deltavlm train --config CONFIG.yaml [--key value ...] [--resume [CHECKPOINT]]`
+
+Fine-tunes DeltaVLM on ChangeChat-105k / LEVIR-CC with the HF Trainer. One process or many: launch the same
+command with `torchrun --nproc_per_node N` or `accelerate launch` (DDP, DeepSpeed, FSDP; see train/configs/).
+
+Order of work: parse and check the config, load and check the data (missing images, unanswered questions),
+then load the model, train, export. Every configuration or data error surfaces before the model is loaded.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+from transformers import EarlyStoppingCallback, set_seed
+
+from .args import parse_args
+from .collator import EpochCallback, TrainCollator
+from .data import caption_prompt, load_train_records, load_val_records, records_to_samples
+from .export import export_model
+from .model import DTYPES, apply_lora, cast_for_mixed_precision, freeze_as_paper, load_model_and_processor
+from .trainer import DeltaVLMTrainer
+
+logger = logging.getLogger("deltavlm.train")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_training_args(training_args)
+
+    # data first: a bad annotation file or a missing image must not wait for a 7B model to load
+    train_records = load_train_records(data_args)
+    train_samples = records_to_samples(train_records, data_args.template, data_args.captions_per_pair)
+    val_records = load_val_records(data_args)
+    logger.info("%d training samples from %d records; %s validation pairs", len(train_samples), len(train_records),
+                len(val_records) if val_records is not None else "no")
+    if val_records is None and training_args.eval_strategy != "no":
+        raise ValueError(f"training.eval_strategy={training_args.eval_strategy.value!r} needs a validation split (data.val_split)")
+
+    set_seed(training_args.seed)
+    model, processor = load_model_and_processor(model_args)
+    freeze_as_paper(model)
+    if model_args.lora or model_args.qlora:
+        model = apply_lora(model, model_args)
+    if not (training_args.deepspeed or training_args.fsdp):  # DeepSpeed / FSDP manage their own precision
+        cast_for_mixed_precision(model, mixed_precision_dtype(training_args))
+
+    collator = TrainCollator(processor, augment=data_args.augment, seed=training_args.seed)
+    callbacks = [EpochCallback(collator)]
+    if eval_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=eval_args.early_stopping_patience))
+    trainer = DeltaVLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_samples,
+        eval_dataset=val_records,
+        data_collator=collator,
+        callbacks=callbacks,
+        processor=processor,
+        caption_prompt=caption_prompt(data_args.template),
+        generation_config={
+            "num_beams": eval_args.eval_num_beams,
+            "max_new_tokens": eval_args.eval_max_new_tokens,
+            "repetition_penalty": eval_args.eval_repetition_penalty,
+        },
+        meteor=eval_args.eval_meteor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    if not export_args.skip_export:
+        export_dir = export_args.export_dir or os.path.join(training_args.output_dir, "final")
+        state_dict = None
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # collective: every process takes part
+            state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if training_args.should_save:
+            path = export_model(trainer.model, processor, export_dir, dtype=export_dtype(export_args, training_args),
+                                merge_lora=export_args.merge_lora, state_dict=state_dict)
+            logger.info("exported the trained model to %s", path)
+    return 0
+
+
+def check_training_args(training_args) -> None:
+    if training_args.output_dir is None:
+        raise ValueError("training.output_dir is required")
+    if training_args.remove_unused_columns:
+        raise ValueError("training.remove_unused_columns must be false: the collator reads image paths and prompts")
+    if training_args.fp16 and training_args.bf16:
+        raise ValueError("choose one of training.fp16 and training.bf16")
+
+
+def mixed_precision_dtype(training_args) -> torch.dtype | None:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return None
+
+
+def export_dtype(export_args, training_args) -> torch.dtype:
+    if export_args.export_dtype != "auto":
+        return DTYPES[export_args.export_dtype]
+    return mixed_precision_dtype(training_args) or torch.float32
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m train.run_train --config ...
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""`DeltaVLMTrainer`: the HF Trainer with four DeltaVLM-specific changes.
+
+1. Weight decay on every trainable tensor with >= 2 dimensions and on nothing else (the authors' grouping:
+   query tokens, Linear and embedding weights decay; biases and norms do not), instead of the Trainer's
+   name-pattern grouping.
+2. Checkpoints hold only the trainable weights (`model.safetensors`, keyed by parameter name: ~1 GB for the
+   7B model instead of ~30 GB), next to the Trainer's own optimizer / scheduler / RNG / state files, so
+   `resume_from_checkpoint` and `load_best_model_at_end` work unchanged. The same format serves LoRA runs
+   (adapters + the non-LLM trainable set). No config.json is written there on purpose: a checkpoint is not a
+   loadable model; the final export is (`train.export`).
+3. `evaluate()` generates captions for the validation pairs with the processor's prompt-only, left-padded
+   layout and scores them (BLEU-1..4, ROUGE-L, CIDEr, optionally METEOR) with the coco-caption scorers.
+   Seq2SeqTrainer's `predict_with_generate` is not used: it feeds the teacher-forced ids to `generate`.
+4. Under DDP each process generates for its share of the validation pairs; the texts are gathered and every
+   process computes the same scores (the best-checkpoint decision needs them everywhere).
+"""
+
+import logging
+import math
+import os
+
+import safetensors.torch
+import torch
+from accelerate.utils import gather_object
+from transformers import Trainer
+
+from .collator import GenerationCollator
+from .model import trainable_parameter_names
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_WEIGHTS_NAME = "model.safetensors"  # the Trainer looks for this name when resuming / loading the best
+
+
+class DeltaVLMTrainer(Trainer):
+    def __init__(self, *args, processor=None, generation_config: dict | None = None, caption_prompt: str | None = None,
+                 meteor: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor = processor
+        self.generation_kwargs = dict(generation_config or {})
+        self.caption_prompt = caption_prompt
+        self.meteor = meteor
+
+    # --- 1. optimizer grouping ---
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name, param in model.named_parameters() if param.ndim >= 2]
+
+    # --- 2. trainable-only checkpoints ---
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        names = trainable_parameter_names(self.model)
+        if state_dict is None:
+            state_dict = self.model.state_dict()
+        else:  # DeepSpeed / FSDP hand over a gathered state dict whose keys may carry a wrapper prefix
+            state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+        missing = [name for name in names if name not in state_dict]
+        if missing:
+            raise RuntimeError(f"trainable weights missing from the state dict to save: {missing[:5]}")
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        weights = {name: state_dict[name].detach().to("cpu").contiguous() for name in names}
+        save_trainable_weights(weights, os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trainable_weights(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("loading the best checkpoint %s (%s)", self.state.best_model_checkpoint, self.state.best_metric)
+        load_trainable_weights(self.model, self.state.best_model_checkpoint)
+
+    # --- 3./4. generation-based validation ---
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        records = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if records is None or self.caption_prompt is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        predictions = self.generate_captions(records)
+        scores = score_captions(predictions, list(records["references"]), meteor=self.meteor)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items() if value is not None}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def generate_captions(self, records) -> list[str]:
+        """One caption per record, this process's share generated here, all shares gathered in record order."""
+        world, rank = self.args.world_size, self.args.process_index
+        per_process = math.ceil(len(records) / world)
+        # pad the index list so every process runs the same number of batches (ZeRO-3/FSDP generation is collective)
+        indices = [i % len(records) for i in range(per_process * world)][rank * per_process : (rank + 1) * per_process]
+        collator = GenerationCollator(self.processor, self.caption_prompt)
+        batch_size = self.args.per_device_eval_batch_size
+        model = self.model
+        was_training = model.training
+        model.eval()
+        synced_gpus = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        texts = []
+        try:
+            for start in range(0, len(indices), batch_size):
+                batch = collator([records[i] for i in indices[start : start + batch_size]])
+                batch = batch.to(self.args.device)
+                with self.accelerator.autocast():
+                    output_ids = model.generate(**batch, **self.generation_kwargs, synced_gpus=synced_gpus)
+                texts += self.processor.batch_decode(output_ids, prompt_length=batch["input_ids"].shape[1])
+        finally:
+            model.train(was_training)
+        if world > 1:
+            texts = gather_object(texts)
+        return texts[: len(records)]
+
+
+def score_captions(predictions: list[str], references: list[list[str]], meteor: bool = False) -> dict:
+    """Corpus-level caption scores x100 under DESIGN.md §5's protocol, keyed bleu_1..bleu_4, rouge_l, cider, meteor."""
+    from eval.metrics import caption_scores
+
+    scores = caption_scores(predictions, references, meteor=meteor)
+    names = {"BLEU-1": "bleu_1", "BLEU-2": "bleu_2", "BLEU-3": "bleu_3", "BLEU-4": "bleu_4",
+             "METEOR": "meteor", "ROUGE-L": "rouge_l", "CIDEr": "cider"}
+    return {short: scores.get(long) for long, short in names.items()}
+
+
+def save_trainable_weights(weights: dict[str, torch.Tensor], path: str) -> None:
+    safetensors.torch.save_file(weights, path, metadata={"format": "pt", "content": "deltavlm trainable weights only"})
+
+
+def load_trainable_weights(model, checkpoint_dir: str) -> None:
+    """Load a trainable-only checkpoint into `model`; its keys must be exactly the model's trainable parameters."""
+    path = os.path.join(checkpoint_dir, TRAINABLE_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {TRAINABLE_WEIGHTS_NAME} in checkpoint {checkpoint_dir}")
+    state_dict = safetensors.torch.load_file(path, device="cpu")
+    expected = set(trainable_parameter_names(model))
+    unexpected, missing = sorted(set(state_dict) - expected), sorted(expected - set(state_dict))
+    if unexpected or missing:
+        raise ValueError(
+            f"checkpoint {checkpoint_dir} does not match the model's trainable set: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
+            "Was it written with the same model / LoRA options?"
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            parameters[name].copy_(value.to(parameters[name].device, parameters[name].dtype))
+
+
+__all__ = ["DeltaVLMTrainer", "load_trainable_weights", "save_trainable_weights", "score_captions"]
