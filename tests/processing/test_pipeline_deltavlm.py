@@ -1,0 +1,106 @@
+"""The `bitemporal-image-text-to-text` pipeline on a tiny random model saved to tmp: loading through
+`transformers.pipeline`, the input forms, and equality with a direct `generate()`."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import modeling_deltavlm  # noqa: F401  (Auto-class registration)
+from processing.pipeline_deltavlm import TASK, BitemporalImageTextToTextPipeline, register_pipeline
+
+GREEDY = dict(max_new_tokens=4, num_beams=1, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny_deltavlm")
+    torch.manual_seed(0)
+    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from transformers import pipeline
+
+    register_pipeline()
+    return pipeline(TASK, model=str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    rng = np.random.default_rng(0)
+    return tuple(Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(2))
+
+
+def direct_answer(pipe, pair, messages):
+    """What generate() gives on the processor's inputs for this conversation."""
+    processor = pipe.processor
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(images=[pair], text=[prompt])
+    output_ids = pipe.model.generate(**inputs, **GREEDY, pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.batch_decode(output_ids, prompt_length=inputs["input_ids"].shape[1])[0]
+
+
+def test_pipeline_loads_by_task_name(pipe):
+    assert isinstance(pipe, BitemporalImageTextToTextPipeline)
+    assert type(pipe.model).__name__ == "DeltaVLMForConditionalGeneration"
+
+
+def test_register_twice_is_silent(caplog):
+    register_pipeline()
+    with caplog.at_level(logging.WARNING):
+        register_pipeline()
+    assert "Overwriting" not in caplog.text
+
+
+def test_prompt_input_matches_direct_generate(pipe, pair):
+    result = pipe({"before": pair[0], "after": pair[1], "prompt": "What has changed?"}, **GREEDY)
+    expected = direct_answer(pipe, pair, [{"role": "user", "content": "What has changed?"}])
+    assert result["generated_text"] == expected
+    assert result["messages"] == [
+        {"role": "user", "content": "What has changed?"},
+        {"role": "assistant", "content": expected},
+    ]
+
+
+def test_conversation_input_and_keyword_form(pipe, pair):
+    messages = [
+        {"role": "user", "content": "Have these two images changed?"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "What is new?"},
+    ]
+    result = pipe(before=pair[0], after=pair[1], messages=messages, **GREEDY)
+    assert result["generated_text"] == direct_answer(pipe, pair, messages)
+    assert result["messages"][:3] == messages and result["messages"][3]["role"] == "assistant"
+
+
+def test_list_input_gives_one_result_per_item(pipe, pair, tmp_path):
+    paths = []
+    for name, image in zip(("a.png", "b.png"), pair):
+        image.save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    inputs = [{"before": paths[0], "after": paths[1], "prompt": p} for p in ("What changed?", "Count the buildings.")]
+    results = pipe(inputs, **GREEDY)
+    assert len(results) == 2 and all(isinstance(r["generated_text"], str) for r in results)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"before": "a.png", "prompt": "x"}, "missing after"),
+        ({"before": "a.png", "after": "b.png"}, "exactly one of 'prompt'"),
+        ({"before": "a.png", "after": "b.png", "prompt": "x", "messages": []}, "exactly one of 'prompt'"),
+        ({"before": "a.png", "after": "b.png", "messages": [{"role": "assistant", "content": "x"}]}, "end with a user"),
+        ("a.png", "takes a dict"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(inputs)
