@@ -753,6 +753,9 @@ def convert_original_checkpoint(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size, model_card=_model_card(config, report))
         processor.save_pretrained(staging)

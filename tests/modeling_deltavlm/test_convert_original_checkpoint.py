@@ -16,7 +16,6 @@ import deltavlm_cli
 import modeling_deltavlm  # noqa: F401  (Auto-class registration)
 from modeling_deltavlm import DeltaVLMConfig, DeltaVLMForConditionalGeneration
 from modeling_deltavlm.convert_original_checkpoint import (
-    ConversionError,
     VisionSource,
     assemble_state_dict,
     build_config,

@@ -17,7 +17,6 @@ from modeling_deltavlm.convert_original_checkpoint import convert_original_check
 from modeling_deltavlm.original_generation import original_generation_kwargs, to_original_output_ids
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-FIXTURE_MAX_LENGTH_KEY = "max_length"
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +154,14 @@ def _generate(model, inputs, meta, mode, **extra):
             **original_generation_kwargs(
                 prompt_length,
                 num_beams=settings["num_beams"],
-                max_length=settings[FIXTURE_MAX_LENGTH_KEY],
+                max_length=settings["max_length"],
                 repetition_penalty=settings["repetition_penalty"],
                 length_penalty=settings["length_penalty"],
             ),
             return_dict_in_generate=True,
             **extra,
         )
-    raw, ids = to_original_output_ids(output.sequences, prompt_length, max_length=settings[FIXTURE_MAX_LENGTH_KEY])
+    raw, ids = to_original_output_ids(output.sequences, prompt_length, max_length=settings["max_length"])
     return output, raw, ids
 
 
