@@ -97,6 +97,11 @@ class ExportArguments:
         default="auto", metadata={"help": "auto: bfloat16 after bf16 training, float16 after fp16, else float32"}
     )
     merge_lora: bool = field(default=True, metadata={"help": "merge LoRA adapters into the exported model"})
+    reference_language_model: str | None = field(
+        default=None,
+        metadata={"help": "leave the (frozen, unchanged) LLM out of the export and read it from this causal-LM path "
+                  "or Hub id on load (config.language_model_weights); default: include it"},
+    )
     skip_export: bool = False
 
 

@@ -16,17 +16,30 @@ NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
 
 
 def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = None, merge_lora: bool = True,
-                 state_dict: dict | None = None) -> str:
+                 state_dict: dict | None = None, reference_language_model: str | None = None) -> str:
     """Write `export_dir` (config, weights, processor, code, model card). A LoRA model also gets
     `export_dir/adapter`; with `merge_lora` the adapters are merged into the exported weights, otherwise only the
-    adapter folder is written. `state_dict`: a gathered full state dict (DeepSpeed ZeRO-3 / FSDP)."""
+    adapter folder is written. `state_dict`: a gathered full state dict (DeepSpeed ZeRO-3 / FSDP).
+
+    The language model is included unless `reference_language_model` names where to read it from on load
+    (modeling_deltavlm's `config.language_model_weights`): only right when the LLM was frozen and not merged with
+    adapters, since the folder then records the base LLM, not the trained one."""
     os.makedirs(export_dir, exist_ok=True)
     if is_peft_model(model):
         save_lora_adapter(model, os.path.join(export_dir, "adapter"))
         if not merge_lora:
             processor.save_pretrained(os.path.join(export_dir, "adapter"))
             return os.path.join(export_dir, "adapter")
+        if reference_language_model is not None:
+            raise ValueError("the LoRA adapters are merged into the language model: it is no longer the base "
+                             "model, so it cannot be referenced; export it in full or set merge_lora to false")
         model = model.merge_and_unload()
+    if any(param.requires_grad for param in model.language_model.parameters()) and reference_language_model:
+        raise ValueError("the language model was trained: it cannot be replaced by a reference to the base model")
+    # a model loaded from a referencing folder would otherwise keep referencing (and drop the LLM) silently
+    model.config.language_model_weights = reference_language_model
+    if reference_language_model is not None and state_dict is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("language_model.")}
     if dtype is not None:
         model = model.to(dtype)
         if state_dict is not None:

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import modeling_deltavlm  # noqa: F401  (registers DeltaVLM with the Auto classes)
-from modeling_deltavlm import DeltaVLMConfig, DeltaVLMForConditionalGeneration
 from processing import DeltaVLMImageProcessor, DeltaVLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -36,34 +35,27 @@ def load_model_and_processor(model_args):
     return model, processor
 
 
-def init_from_instructblip(path, dtype="auto", **overrides):
-    """An InstructBLIP checkpoint -> DeltaVLM with every shared weight loaded (ViT, `post_layernorm` as ln_vision,
-    Q-Former, query tokens, projection, LLM) and a freshly initialised difference module.
+def init_from_instructblip(path, dtype="auto", quantization_config=None, **config_overrides):
+    """An InstructBLIP checkpoint -> (DeltaVLM with every shared weight loaded and a fresh CSRM, processor).
 
-    The module names are InstructBLIP's (shared/DESIGN.md §4), so `from_pretrained(path, config=deltavlm_config)`
-    loads all of it by name. The processor reuses the checkpoint's two tokenizers."""
+    The weights come through `modeling_deltavlm.init_from_instructblip`; the processor pairs the checkpoint's two
+    tokenizers with DeltaVLM's image processor at the checkpoint's image size."""
+    from modeling_deltavlm.init_from_instructblip import deltavlm_config_from_instructblip
+    from modeling_deltavlm.init_from_instructblip import init_from_instructblip as load_weights
+
     instructblip_config = AutoConfig.from_pretrained(path)
     if instructblip_config.model_type != "instructblip":
         raise ValueError(f"{path}: model_type {instructblip_config.model_type!r}, expected 'instructblip'")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    qformer_tokenizer = AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer")
+    config = deltavlm_config_from_instructblip(instructblip_config, **config_overrides)
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    model = load_weights(path, config=config, dtype=dtype, **extra)
     image_size = instructblip_config.vision_config.image_size
     processor = DeltaVLMProcessor(
         DeltaVLMImageProcessor(size={"height": image_size, "width": image_size}),
-        tokenizer,
-        qformer_tokenizer,
+        AutoTokenizer.from_pretrained(path),
+        AutoTokenizer.from_pretrained(path, subfolder="qformer_tokenizer"),
         num_query_tokens=instructblip_config.num_query_tokens,
     )
-    config = DeltaVLMConfig(
-        vision_config=instructblip_config.vision_config.to_dict(),
-        qformer_config=instructblip_config.qformer_config.to_dict(),
-        text_config=instructblip_config.text_config.to_dict(),
-        num_query_tokens=instructblip_config.num_query_tokens,
-        image_token_id=processor.image_token_id,
-        **{k: v for k, v in overrides.items() if k != "quantization_config"},
-    )
-    extra = {k: v for k, v in overrides.items() if k == "quantization_config"}
-    model = DeltaVLMForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype, **extra)
     return model, processor
 
 

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
+    if export_args.reference_language_model and (model_args.lora or model_args.qlora) and export_args.merge_lora:
+        raise ValueError("export.reference_language_model cannot be used with merged LoRA adapters (the LLM changes)")
 
     # data first: a bad annotation file or a missing image must not wait for a 7B model to load
     train_records = load_train_records(data_args)
@@ -79,7 +81,8 @@ def main(argv=None) -> int:
             state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if training_args.should_save:
             path = export_model(trainer.model, processor, export_dir, dtype=export_dtype(export_args, training_args),
-                                merge_lora=export_args.merge_lora, state_dict=state_dict)
+                                merge_lora=export_args.merge_lora, state_dict=state_dict,
+                                reference_language_model=export_args.reference_language_model)
             logger.info("exported the trained model to %s", path)
     return 0
 

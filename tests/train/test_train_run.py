@@ -297,3 +297,93 @@ def test_two_process_run_matches_one_process(workspace, tmp_path):
     assert max_diff < 1e-5
     assert max_update > 1e-3
     assert (double / "final" / "model.safetensors").is_file()
+
+
+# --- set-up pieces: InstructBLIP init, optimizer grouping, mixed precision, referenced-LLM export ---
+
+
+def test_init_from_instructblip_loads_shared_weights(workspace, tmp_path, tiny_processor, make_tiny_config):
+    from transformers import BlipImageProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+    from train.args import ModelArguments
+    from train.model import load_model_and_processor
+
+    tiny = make_tiny_config()
+    config = InstructBlipConfig(vision_config=tiny.vision_config.to_dict(), qformer_config=tiny.qformer_config.to_dict(),
+                                text_config=tiny.text_config.to_dict(), num_query_tokens=4,
+                                image_token_index=tiny_processor.image_token_id)
+    torch.manual_seed(1)
+    instructblip = InstructBlipForConditionalGeneration(config)
+    instructblip.save_pretrained(tmp_path / "instructblip")
+    InstructBlipProcessor(BlipImageProcessor(size={"height": 28, "width": 28}), tiny_processor.tokenizer,
+                          tiny_processor.qformer_tokenizer, num_query_tokens=4).save_pretrained(tmp_path / "instructblip")
+
+    model, processor = load_model_and_processor(
+        ModelArguments(model_name_or_path=str(tmp_path / "instructblip"), init_from_instructblip=True))
+    source = instructblip.state_dict()
+    loaded = model.state_dict()
+    shared = [k for k in loaded if not k.startswith("difference_module.")]
+    assert all(torch.equal(loaded[k], source[k]) for k in shared if k in source)
+    assert {k for k in shared if k not in source} <= {"language_model.lm_head.weight"}  # tied in the tiny config
+    assert any(k.startswith("difference_module.") for k in loaded)
+    assert processor.image_token_id == model.config.image_token_id
+    assert processor(images=[workspace_pair()], text=["q"], answers=["a"])["pixel_values"].shape[-1] == 28
+
+
+def workspace_pair():
+    before = next(iter(sorted((SAMPLE_ROOT / "images").glob("*/A/*.png"))))
+    return str(before), str(before.parent.parent / "B" / before.name)
+
+
+def test_weight_decay_only_on_matrices(workspace):
+    from transformers import TrainingArguments
+
+    from train.trainer import DeltaVLMTrainer
+
+    model = load_folder(workspace["model"])
+    model.set_trainable_as_paper()
+    trainer = DeltaVLMTrainer(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True, weight_decay=0.05,
+                                                                   report_to="none"))
+    optimizer = trainer.create_optimizer()
+    by_id = {id(p): (name, p) for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name, _ = by_id[id(param)]
+            assert group["weight_decay"] == (0.05 if param.ndim >= 2 else 0.0), name
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert any(by_id[i][0] == "query_tokens" for g in optimizer.param_groups if g["weight_decay"] for i in map(id, g["params"]))
+
+
+def test_mixed_precision_cast_keeps_trainable_fp32(workspace):
+    from train.model import cast_for_mixed_precision
+
+    model = load_folder(workspace["model"])
+    model.set_trainable_as_paper()
+    cast_for_mixed_precision(model, torch.bfloat16)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**workspace["batch"]()).loss
+    loss.backward()
+    assert model.query_tokens.grad is not None and model.query_tokens.grad.dtype == torch.float32
+
+
+def test_export_can_reference_the_base_language_model(workspace, tmp_path):
+    from train.export import export_model
+
+    model = load_folder(workspace["model"])
+    model.language_model.save_pretrained(tmp_path / "llm")
+    model.set_trainable_as_paper()
+    with torch.no_grad():
+        model.query_tokens.add_(1.0)  # stands in for training
+    export_model(model, workspace["processor"], str(tmp_path / "full"))
+    export_model(model, workspace["processor"], str(tmp_path / "referenced"), reference_language_model=str(tmp_path / "llm"))
+    full_bytes = (tmp_path / "full" / "model.safetensors").stat().st_size
+    referenced_bytes = (tmp_path / "referenced" / "model.safetensors").stat().st_size
+    assert referenced_bytes < full_bytes
+    full, referenced = load_folder(tmp_path / "full"), load_folder(tmp_path / "referenced")
+    batch = workspace["batch"]()
+    with torch.no_grad():
+        assert torch.equal(full(**batch).logits, referenced(**batch).logits)

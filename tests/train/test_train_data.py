@@ -1,0 +1,191 @@
+"""Training data: records -> samples (templates, dialogue rounds, one sample per caption), bad inputs caught before
+any compute, the paired augmentation, the collator's training layout. No model involved."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processing.conversation import TASK_PROMPTS
+
+SAMPLE_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "levir_cc" / "sample"
+IMAGES = SAMPLE_ROOT / "images"
+BINARY = "<image> <image> Please judge whether these two images have changed. Please answer yes or no."
+SUMMARY = "Based on the above analysis, please describe the changes of these two images in detail."
+
+
+def data_args(**overrides):
+    from train.args import DataArguments
+
+    return DataArguments(**{"image_root": str(IMAGES), "val_split": None, "levircc_train_split": None, **overrides})
+
+
+def write_records(path: Path, records) -> str:
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def dialogue(record_id="d0", pair=("train/A/train_000016.png", "train/B/train_000016.png"), last_answer="Houses were built."):
+    return {"id": record_id, "image": list(pair), "conversations": [
+        {"from": "human", "value": BINARY}, {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": SUMMARY}, {"from": "gpt", "value": last_answer}]}
+
+
+def samples_of(tmp_path, records, **overrides):
+    from train.data import load_train_records, records_to_samples
+
+    args = data_args(train_files=[write_records(tmp_path / "train.json", records)], **overrides)
+    return records_to_samples(load_train_records(args), template=args.template, captions_per_pair=args.captions_per_pair)
+
+
+def test_dialogue_rounds_match_the_chat_template(tmp_path, shared_dir, tiny_processor):
+    samples = samples_of(tmp_path, [dialogue()])
+    assert samples["answer"] == ["yes", "houses were built"]
+    assert samples["prompt"][0] == "q please judge whether these two images have changed please answer yes or no"
+    # what training sees is what inference renders from the same conversation
+    messages = [{"role": "user", "content": BINARY.replace("<image> ", "")}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": SUMMARY}]
+    assert samples["prompt"][1] == tiny_processor.apply_chat_template(messages)
+    assert samples["index"] == [0, 1]
+
+
+def test_plain_template_keeps_text_verbatim(tmp_path, shared_dir):
+    samples = samples_of(tmp_path, [dialogue()], template="plain")
+    assert samples["prompt"] == [BINARY.replace("<image> ", ""), SUMMARY]
+    assert samples["answer"] == ["Yes.", "Houses were built."]
+
+
+def test_long_answers_keep_their_first_50_words(tmp_path, shared_dir):
+    long_answer = " ".join(f"w{i}" for i in range(80))
+    samples = samples_of(tmp_path, [dialogue(last_answer=long_answer)])
+    assert samples["answer"][1].split() == [f"w{i}" for i in range(50)]
+
+
+def test_levircc_captions_one_sample_per_reference(shared_dir):
+    from train.data import load_train_records, records_to_samples
+
+    args = data_args(levircc_captions=str(SAMPLE_ROOT / "captions.json"), levircc_train_split="train")
+    records = load_train_records(args)
+    assert len(records) == 5  # the five train pairs of the sample
+    every = records_to_samples(records, captions_per_pair="all")
+    first = records_to_samples(records, captions_per_pair="first")
+    assert len(every) == 25 and len(first) == 5
+    assert set(every["prompt"]) == {"q please briefly describe the changes in these two images"}
+    first_pair = [answer for record_id, answer in zip(every["id"], every["answer"]) if record_id == every[0]["id"]]
+    assert len(set(first_pair)) == 5
+
+
+def test_validation_split_from_levircc(shared_dir):
+    from train.data import caption_prompt, load_val_records
+
+    records = load_val_records(data_args(levircc_captions=str(SAMPLE_ROOT / "captions.json"), val_split="test"))
+    assert len(records) == 1 and len(records[0]["references"]) == 5
+    assert caption_prompt("deltavlm") == "q please briefly describe the changes in these two images"
+    assert caption_prompt("plain") == TASK_PROMPTS["caption"]
+    with pytest.raises(ValueError, match="levircc_captions"):
+        load_val_records(data_args(val_split="val"))
+
+
+# --- bad inputs: each a clear error before any model is loaded ---
+
+
+def test_record_without_answer_turn_is_an_error(tmp_path, shared_dir):
+    record = dialogue()
+    record["conversations"] = record["conversations"][:3]  # ends with a question
+    with pytest.raises(ValueError, match=r"record 0.*no answer"):
+        samples_of(tmp_path, [record])
+
+
+def test_empty_answer_is_an_error(tmp_path, shared_dir):
+    with pytest.raises(ValueError, match=r"question without an answer.*d0"):
+        samples_of(tmp_path, [dialogue(last_answer="  ")])
+
+
+def test_missing_images_are_listed_or_skipped(tmp_path, shared_dir, caplog):
+    from train.data import load_train_records
+
+    records = [dialogue("ok"), dialogue("gone", pair=("train/A/nope_1.png", "train/B/nope_1.png"))]
+    args = data_args(train_files=[write_records(tmp_path / "train.json", records)])
+    with pytest.raises(FileNotFoundError, match=r"2 training image file\(s\) not found[\s\S]*nope_1\.png"):
+        load_train_records(args)
+    args.skip_missing_images = True
+    with caplog.at_level("WARNING"):
+        kept = load_train_records(args)
+    assert kept["id"] == ["ok"]
+    assert "skipped 1 of 2 records" in caplog.text
+
+
+def test_bad_input_fails_before_the_model_loads(tmp_path, shared_dir):
+    """The model path does not exist: the data error must come first."""
+    from train.run_train import main
+
+    record = dialogue(pair=("train/A/missing.png", "train/B/missing.png"))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tmp_path / 'no-model-here'}}}\n"
+        f"data: {{train_files: [{write_records(tmp_path / 'train.json', [record])}], image_root: {IMAGES}, val_split: null}}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}, use_cpu: true}}\n"
+    )
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        main(["--config", str(config)])
+
+
+# --- paired augmentation ---
+
+
+def test_augmentation_moves_before_and_after_together():
+    from train.augment import PairedAugment
+
+    pixels = np.arange(48 * 64 * 3).reshape(48, 64, 3) % 251
+    before, after = Image.fromarray(pixels.astype(np.uint8)), Image.fromarray((pixels + 3).astype(np.uint8))
+    augment = PairedAugment("geometric", min_crop_scale=0.5)
+    seen = set()
+    for seed in range(12):
+        a, b = augment(before, after, text="houses appear", generator=torch.Generator().manual_seed(seed))
+        a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+        assert (b == a + 3).all(), "A and B were transformed differently"
+        seen.add((a.shape, a[0, 0, 0]))
+    assert len(seen) > 6  # different draws do different things
+    # same generator seed, same result: what makes augmented runs resumable
+    one = augment(before, after, generator=torch.Generator().manual_seed(5))[0]
+    two = augment(before, after, generator=torch.Generator().manual_seed(5))[0]
+    assert np.array_equal(np.asarray(one), np.asarray(two))
+
+
+def test_no_flips_when_the_text_names_positions():
+    from train.augment import PairedAugment
+
+    image = Image.fromarray((np.arange(32 * 32 * 3).reshape(32, 32, 3) % 256).astype(np.uint8))
+    augment = PairedAugment("geometric", min_crop_scale=1.0)  # no crop: only flips/rotations could change it
+    for seed in range(8):
+        a, _ = augment(image, image, text="a house appears at the top left", generator=torch.Generator().manual_seed(seed))
+        assert np.array_equal(np.asarray(a), np.asarray(image))
+    changed = [not np.array_equal(np.asarray(augment(image, image, generator=torch.Generator().manual_seed(s))[0]),
+                                  np.asarray(image)) for s in range(8)]
+    assert any(changed)  # without position words the same draws do flip/rotate
+
+
+# --- collator ---
+
+
+def test_collator_builds_the_training_layout(tmp_path, shared_dir, tiny_processor):
+    from train.collator import TrainCollator
+
+    samples = samples_of(tmp_path, [dialogue()]).to_list()
+    batch = TrainCollator(tiny_processor)(samples)
+    assert batch["pixel_values"].shape == (2, 2, 3, 28, 28)
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert (labels[:, :4] == -100).all()  # image tokens
+    expected = tiny_processor(images=[(str(IMAGES / "train/A/train_000016.png"), str(IMAGES / "train/B/train_000016.png"))] * 2,
+                              text=[s["prompt"] for s in samples], answers=[s["answer"] for s in samples])
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(labels, expected["labels"])
+    assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+    augmented = TrainCollator(tiny_processor, augment="crop", seed=0)
+    first = augmented(samples)["pixel_values"]
+    augmented.epoch = 1
+    assert not torch.equal(first, augmented(samples)["pixel_values"])  # a new epoch, new crops
+    augmented.epoch = 0
+    assert torch.equal(first, augmented(samples)["pixel_values"])
