@@ -3,14 +3,16 @@
 Per ViT patch token (the CLS token left out) one score, from the vision side the answer uses anyway, so a map
 costs no extra ViT pass:
 
+- "difference" (default): the norm of Z_B - Z_A, the difference of the difference module's two outputs at the
+  same patch. Zero for an unchanged pair by construction (X_A = X_B gives D = 0 and Z_A = Z_B); works when the
+  module is switched off too (then Z = the ViT features).
 - "gate": the norm of CSRM's gated change semantics for the after image, S_B = G_B * C_B (see
-  `DeltaVLMDifferenceModule`): what the module passes on as "changed" at that patch. Read with a forward hook
-  on `context3`, whose input is cat[X_t, D, S_t], so the model's code is not restated here.
-- "difference": the norm of Z_B - Z_A, the difference of the module's two outputs at the same patch (also
-  works when the difference module is switched off: then Z = the ViT features).
+  `DeltaVLMDifferenceModule`): what the module passes on as "changed" at that patch. It carries the after
+  image's own content as well (G and C see X_B), so it is not zero on an unchanged pair. Read with a forward
+  hook on `context3`, whose input is cat[X_t, D, S_t], so the model's code is not restated here.
 
-The patch grid (image_size / patch_size per side: 16 at 224 px, 2 for the 28 px test model) is min-max
-scaled to [0, 1] and upsampled bilinearly to the after image's size.
+The patch grid (image_size / patch_size per side: 16 at 224 px, 2 for the 28 px test model) is min-max scaled
+to [0, 1] (the map is relative: its hottest patch is 1) and upsampled bilinearly to the after image's size.
 """
 
 import numpy as np
@@ -18,27 +20,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-METHODS = ("auto", "gate", "difference")
+METHODS = ("difference", "gate")
 
 
-def resolve_method(model, method: str) -> str:
+def check_method(model, method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"change-map method must be one of {METHODS}, got {method!r}")
-    uses_csrm = model.config.use_difference_module
-    if method == "auto":
-        return "gate" if uses_csrm else "difference"
-    if method == "gate" and not uses_csrm:
+    if method == "gate" and not model.config.use_difference_module:
         raise ValueError("the 'gate' change map needs the difference module (CSRM); this model has it switched off")
-    return method
 
 
 @torch.no_grad()
-def pair_embeds_with_scores(model, pixel_values: torch.Tensor, method: str = "auto"):
+def pair_embeds_with_scores(model, pixel_values: torch.Tensor, method: str = "difference"):
     """The vision side of a batch of pairs and a change score per patch.
 
     pixel_values (B, 2, 3, H, W) -> (pair_embeds (B, 2*S, D), scores (B, g, g)) with g*g = S - 1.
     """
-    method = resolve_method(model, method)
+    check_method(model, method)
     gated = []
     hook = None
     if method == "gate":
@@ -103,11 +101,11 @@ def mass_in_mask(heat: np.ndarray, mask: np.ndarray) -> float:
     return float(heat[inside].sum()) / total if total > 0 else 0.0
 
 
-def change_map(model, processor, before: Image.Image, after: Image.Image, method: str = "auto"):
+def change_map(model, processor, before: Image.Image, after: Image.Image, method: str = "difference"):
     """(pair_embeds (1, 2*S, D), heat (H, W) over the after image) for one pair of PIL images."""
     pixel_values = processor.image_processor([(before, after)])["pixel_values"].to(model.device)
     pair_embeds, scores = pair_embeds_with_scores(model, pixel_values, method)
     return pair_embeds, heat_map(scores[0], after.size)
 
 
-__all__ = ["METHODS", "change_map", "heat_map", "mass_in_mask", "overlay", "pair_embeds_with_scores", "resolve_method"]
+__all__ = ["METHODS", "change_map", "heat_map", "mass_in_mask", "overlay", "pair_embeds_with_scores", "check_method"]

@@ -2,7 +2,7 @@
 
     deltavlm predict --before A --after B [--task caption|binary|count|localize|"free prompt"] [--model M]
                      [--json] [--num-beams 5] [--max-new-tokens 256] [--bands 3,2,1] [--tile 256]
-                     [--heatmap map.png] [--heatmap-method auto|gate|difference]
+                     [--heatmap map.png] [--heatmap-method difference|gate]
     deltavlm predict --pairs DIR | --list FILE.csv|FILE.jsonl  [--out results.jsonl] [--batch-size 8] ...
 
 Batch mode: DIR holds A/ and B/ subfolders of same-named files (LEVIR-CC layout); a list file has columns
@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="batch: pairs per model call (default 8)")
     parser.add_argument("--tile", type=int, help="answer per tile x tile crop of a large scene (one pair only)")
     parser.add_argument("--heatmap", help="save a change map over the after image as this PNG (one pair only)")
-    parser.add_argument("--heatmap-method", default="auto", choices=("auto", "gate", "difference"),
-                        help="gate: CSRM's gated change term; difference: |Z_B - Z_A| (default: gate when CSRM is on)")
+    parser.add_argument("--heatmap-method", default="difference", choices=("difference", "gate"),
+                        help="difference: |Z_B - Z_A| per patch (default); gate: |S_B|, CSRM's gated change term")
     add_model_arguments(parser)
     return parser
 
