@@ -13,6 +13,11 @@ name's last part: `_caption`, `_binary`, `_count`, `_loc`, `_open`, `_dialog` (C
 and a bare `..._test.json` in the caption schema (ChangeChat-105k's caption file). A folder with an
 `annotations/` subfolder (the generator's layout) is searched there too.
 
+Prompts: `--prompt-format deltavlm` (default) renders each round as the released checkpoint was trained
+(`q: Q1 a: A1  q: Q2`, lowercased, punctuation dropped; earlier answers are the ground truth). The authors'
+own evaluation scripts fed the bare question instead (`plain`), a train/test mismatch (DESIGN.md §3); use
+`--prompt-format plain` to reproduce their numbers' setting.
+
 Outputs in DIR: predictions.jsonl (see eval.generation), metrics.json, metrics.md, run_config.json.
 Rerunning with the same DIR resumes: finished (task, id, turn) predictions are kept, the rest generated,
 and the metrics are computed from the complete file, so they equal an uninterrupted run's.
@@ -26,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -195,11 +201,10 @@ def load_eval_records(data: str, image_root: str | None, task: str, split: str,
 
 def check_images(records: list[dict]) -> None:
     """Fail before any compute is spent, naming the missing files."""
-    from datasets import Dataset
-
-    missing = missing_images(Dataset.from_list([
-        {"image_before": r["image_before"], "image_after": r["image_after"]} for r in records
-    ]))
+    missing = missing_images({
+        "image_before": [record["image_before"] for record in records],
+        "image_after": [record["image_after"] for record in records],
+    })
     if missing:
         shown = "\n  ".join(missing[:MISSING_SHOWN])
         more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
@@ -408,7 +413,7 @@ def evaluate(args, state: PartialState) -> int:
     dtype = pick_dtype(args.dtype, state.device)
     out = Path(args.out)
     run_config = {
-        "model": str(args.model),
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "prompt_format": args.prompt_format,
         "dtype": str(dtype).removeprefix("torch."),
         "generation": settings.describe(),
@@ -431,9 +436,7 @@ def evaluate(args, state: PartialState) -> int:
 
     lines = merge_predictions(out, records)
     scores, num_missing = score_lines(lines, records, args.protocol, meteor=not args.no_meteor)
-    num_records = {}
-    for record in records:
-        num_records[record["task"]] = num_records.get(record["task"], 0) + 1
+    num_records = dict(Counter(record["task"] for record in records))
     run = {
         **run_config,
         "data": sources,

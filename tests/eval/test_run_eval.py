@@ -183,13 +183,15 @@ def test_two_processes_equal_one(model_dir, data_dir, full_run, tmp_path):
 def test_single_file_task_filter_limit_and_beams(model_dir, data_dir, tmp_path):
     code = main(["--model", str(model_dir), "--data", str(data_dir / "changechat_test_caption.json"),
                  "--image-root", str(SAMPLE_IMAGES), "--out", str(tmp_path), "--limit", "2", "--task", "caption",
-                 "--max-new-tokens", "4", "--no-meteor", "--prompt-format", "plain"])
+                 "--max-new-tokens", "4", "--prompt-format", "plain"])  # beams 5 and METEOR: the defaults
     assert code == 0
     lines = read_lines(tmp_path / "predictions.jsonl")
     assert [line["id"] for line in lines] == ["train_000016", "train_000051"]
     assert lines[0]["prompt"] == TASK_PROMPTS["caption"]  # plain: the question verbatim
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["generation"]["decoding"] == "beam search (5 beams)" and metrics["prompt_format"] == "plain"
+    meteor = metrics["tasks"]["caption"]["all"]
+    assert meteor["METEOR"] is not None or "java" in meteor["meteor_error"]
     # resuming with other settings would mix two runs' predictions: refused
     code = main(["--model", str(model_dir), "--data", str(data_dir / "changechat_test_caption.json"),
                  "--image-root", str(SAMPLE_IMAGES), "--out", str(tmp_path), "--limit", "2", "--num-beams", "1"])
