@@ -169,13 +169,23 @@ def default_image_root(data: Path) -> Path | None:
     return None
 
 
-def load_eval_records(data: str, image_root: str | None, task: str, split: str,
+def resolve_image_root(data: str, image_root: str | None) -> Path | None:
+    """--image-root, else an images folder found beside local data; None for a Hub data set without one."""
+    if image_root:
+        return Path(image_root).resolve()
+    path = Path(data)
+    if not path.exists():
+        return None
+    root = default_image_root(path)
+    if root is None:
+        raise EvalError(f"no --image-root given and no 'images' folder in or beside {path}")
+    return root.resolve()
+
+
+def load_eval_records(data: str, root: Path | None, task: str, split: str,
                       limit: int | None) -> tuple[list[dict], list[str]]:
     """(records to evaluate, grouped by task in TASKS order, each task in file order; the files read)."""
     path = Path(data)
-    root = Path(image_root) if image_root else default_image_root(path) if path.exists() else None
-    if root is None and path.exists():
-        raise EvalError(f"no --image-root given and no 'images' folder in or beside {path}")
     sources = task_files(path, split) if path.is_dir() else [(data, None)]
     by_task: dict[str, list[dict]] = {}
     read = []
@@ -407,7 +417,8 @@ def evaluate(args, state: PartialState) -> int:
         raise EvalError("--batch-size and --limit must be positive")
     settings = settings_from_args(args)
     check_model_folder(args.model)
-    records, sources = load_eval_records(args.data, args.image_root, args.task, args.split, args.limit)
+    image_root = resolve_image_root(args.data, args.image_root)
+    records, sources = load_eval_records(args.data, image_root, args.task, args.split, args.limit)
     check_images(records)
 
     dtype = pick_dtype(args.dtype, state.device)
@@ -440,7 +451,7 @@ def evaluate(args, state: PartialState) -> int:
     run = {
         **run_config,
         "data": sources,
-        "image_root": args.image_root,
+        "image_root": str(image_root) if image_root else None,
         "split": args.split,
         "protocol": args.protocol,
         "meteor": not args.no_meteor,
