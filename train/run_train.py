@@ -14,7 +14,7 @@ import sys
 import torch
 from transformers import EarlyStoppingCallback, set_seed
 
-from .args import parse_args
+from .args import SECTIONS, parse_args
 from .collator import EpochCallback, TrainCollator
 from .data import caption_prompt, load_train_records, load_val_records, records_to_samples
 from .export import export_model
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        print(usage())
         return 0
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -85,6 +86,15 @@ def main(argv=None) -> int:
                                 reference_language_model=export_args.reference_language_model)
             logger.info("exported the trained model to %s", path)
     return 0
+
+
+def usage() -> str:
+    from transformers import HfArgumentParser
+
+    groups = [cls for name, cls in SECTIONS.items() if name != "training"]
+    text = HfArgumentParser(groups).format_help()
+    text = text[text.index("options:"):]  # argparse's usage line would list every option twice
+    return text + "\ntraining: every transformers.TrainingArguments field (--output_dir, --learning_rate, ...)\n"
 
 
 def check_training_args(training_args) -> None:

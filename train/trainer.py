@@ -7,7 +7,8 @@
    7B model instead of ~30 GB), next to the Trainer's own optimizer / scheduler / RNG / state files, so
    `resume_from_checkpoint` and `load_best_model_at_end` work unchanged. The same format serves LoRA runs
    (adapters + the non-LLM trainable set). No config.json is written there on purpose: a checkpoint is not a
-   loadable model; the final export is (`train.export`).
+   loadable model; the final export is (`train.export`). Under DeepSpeed and FSDP the Trainer also writes the
+   engine's own state for resuming, which does include frozen weights (ZeRO model states, FSDP full state dict).
 3. `evaluate()` generates captions for the validation pairs with the processor's prompt-only, left-padded
    layout and scores them (BLEU-1..4, ROUGE-L, CIDEr, optionally METEOR) with the coco-caption scorers.
    Seq2SeqTrainer's `predict_with_generate` is not used: it feeds the teacher-forced ids to `generate`.
@@ -49,6 +50,8 @@ class DeltaVLMTrainer(Trainer):
     # --- 2. trainable-only checkpoints ---
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # a gathered DeepSpeed / FSDP state dict is complete on the main process only
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         names = trainable_parameter_names(self.model)
         if state_dict is None:
@@ -58,8 +61,6 @@ class DeltaVLMTrainer(Trainer):
         missing = [name for name in names if name not in state_dict]
         if missing:
             raise RuntimeError(f"trainable weights missing from the state dict to save: {missing[:5]}")
-        if not self.args.should_save:
-            return
         os.makedirs(output_dir, exist_ok=True)
         weights = {name: state_dict[name].detach().to("cpu").contiguous() for name in names}
         save_trainable_weights(weights, os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME))

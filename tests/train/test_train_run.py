@@ -232,7 +232,7 @@ def test_lora_trains_saves_reloads_and_merges(workspace, tmp_path):
     output_dir = tmp_path / "lora"
     config = write_config(
         tmp_path / "lora.yaml", workspace, output_dir,
-        training={"max_steps": 6, "save_steps": 6, "learning_rate": 3e-3},
+        training={"max_steps": 6, "save_steps": 6, "learning_rate": 3e-3, "activation_checkpointing": True},
         model={"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"]},
     )
     run_main(config)
@@ -387,3 +387,19 @@ def test_export_can_reference_the_base_language_model(workspace, tmp_path):
     batch = workspace["batch"]()
     with torch.no_grad():
         assert torch.equal(full(**batch).logits, referenced(**batch).logits)
+
+
+def test_best_checkpoint_by_validation_bleu_is_exported(workspace, tmp_path):
+    output_dir = tmp_path / "best"
+    run_main(write_config(
+        tmp_path / "best.yaml", workspace, output_dir,
+        training={"max_steps": 4, "learning_rate": 3e-3, "eval_strategy": "steps", "eval_steps": 2, "save_steps": 2,
+                  "load_best_model_at_end": True, "metric_for_best_model": "bleu_4", "greater_is_better": True},
+    ))
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    scores = [entry["eval_bleu_4"] for entry in state["log_history"] if "eval_bleu_4" in entry]
+    print(f"\nvalidation BLEU-4 at steps 2, 4: {scores}; best: {state['best_model_checkpoint'].rsplit('/', 1)[-1]}")
+    assert len(scores) == 2 and state["best_metric"] == max(scores)
+    best = checkpoint_weights(state["best_model_checkpoint"])
+    exported = load_folder(output_dir / "final").state_dict()
+    assert all(torch.equal(best[name], exported[name]) for name in best)
