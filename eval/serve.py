@@ -75,10 +75,11 @@ class PairAnalyst:
         if not before_path or not after_path:
             missing = "before" if not before_path else "after"
             return None, None, None, f"Add the {missing} image too."
-        for path in (before_path, after_path):
-            if os.path.getsize(path) > self.max_upload_bytes:
-                return None, None, None, f"Error: {Path(path).name} is larger than {self.max_upload_bytes // 2**20} MB."
         try:
+            for path in (before_path, after_path):
+                # Gradio refuses larger uploads already; this also covers files picked from --examples
+                if os.path.isfile(path) and os.path.getsize(path) > self.max_upload_bytes:
+                    raise ImageryError(f"{Path(path).name} is larger than {self.max_upload_bytes / 2**20:g} MB")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 before, after = read_pair(before_path, after_path, self.bands)
@@ -90,25 +91,37 @@ class PairAnalyst:
         if after.size != before.size:
             after = after.resize(before.size)  # the slider needs one size; the model resizes both anyway
         notes = " ".join(f"Note: {_file_names(w.message)}." for w in caught)
-        state = {"before": str(before_path), "after": str(after_path), "pair_embeds": pair_embeds}
+        state = {"before": str(before_path), "after": str(after_path), "pair_embeds": pair_embeds, "messages": []}
         status = f"Pair loaded ({before.width}x{before.height}). Ask a question or click a task. {notes}".strip()
         return (before, after), overlay(after, heat), state, status
 
-    def ask(self, question: str, history: list[dict] | None, state):
-        """-> (chat history, status). The prompt is the whole conversation, rendered by the chat template."""
-        history = list(history or [])
+    def ask(self, question: str, pair):
+        """-> (chat messages to show, pair state, status). The prompt is the pair's whole conversation, rendered
+        by the chat template; the conversation lives in the pair state (the chat box only shows it)."""
         question = (question or "").strip()
-        if state is None:
-            return history, "Load a pair first (upload both images or pick an example)."
+        if pair is None:
+            return [], None, "Load a pair first (upload both images or pick an example)."
+        shown = _shown(pair["messages"])
         if not question:
-            return history, "Type a question or click a task."
-        conversation = [*history, {"role": "user", "content": question}]
+            return shown, pair, "Type a question or click a task."
+        conversation = [*pair["messages"], {"role": "user", "content": question}]
         try:
-            reply = answer(self.model, self.processor, state["pair_embeds"], [conversation], self.settings,
+            reply = answer(self.model, self.processor, pair["pair_embeds"], [conversation], self.settings,
                            self.prompt_format)[0]
         except Exception as error:  # keep the app up; say what failed
-            return history, f"Error: the model failed on this question ({type(error).__name__}: {error})"
-        return [*conversation, {"role": "assistant", "content": reply or "(empty answer)"}], "Answered."
+            return shown, pair, f"Error: the model failed on this question ({type(error).__name__}: {error})"
+        pair = {**pair, "messages": [*conversation, {"role": "assistant", "content": reply}]}
+        return _shown(pair["messages"]), pair, "Answered."
+
+    @staticmethod
+    def reset(pair):
+        """A new conversation about the same pair (its vision side is kept)."""
+        return None if pair is None else {**pair, "messages": []}
+
+
+def _shown(messages: list[dict]) -> list[dict]:
+    """The conversation for the chat box: an empty answer is shown as such rather than as an empty bubble."""
+    return [{**m, "content": m["content"] or "(empty answer)"} for m in messages]
 
 
 def _file_names(message) -> str:
@@ -156,9 +169,9 @@ def build_app(analyst: PairAnalyst):
             before_path, after_path = str(analyst.examples / "A" / name), str(analyst.examples / "B" / name)
             return (before_path, after_path, *on_files(before_path, after_path))
 
-        def on_question(text, history, pair):
-            new_history, message = analyst.ask(text, history, pair)
-            return new_history, message, ""
+        def on_question(text, pair):
+            shown, pair, message = analyst.ask(text, pair)
+            return shown, pair, message, ""
 
         pair_outputs = [slider, heat, state, chat, status]
         # One queue for every model call: the callbacks share one model.
@@ -167,12 +180,14 @@ def build_app(analyst: PairAnalyst):
             file_box.upload(on_files, [before_file, after_file], pair_outputs, **model_queue)
             file_box.clear(on_files, [before_file, after_file], pair_outputs, **model_queue)
         example.change(on_example, [example], [before_file, after_file, *pair_outputs], **model_queue)
+        answer_outputs = [chat, state, status, question]
         for button, prompt in zip(task_buttons, TASK_BUTTONS.values()):
-            button.click(lambda history, pair, text=prompt: on_question(text, history, pair), [chat, state],
-                         [chat, status, question], **model_queue)
+            button.click(lambda pair, text=prompt: on_question(text, pair), [state], answer_outputs, **model_queue)
         for trigger in (question.submit, send.click):
-            trigger(on_question, [question, chat, state], [chat, status, question], **model_queue)
-        reset.click(lambda: ([], "New conversation about the same pair."), None, [chat, status])
+            trigger(on_question, [question, state], answer_outputs, **model_queue)
+        for trigger in (reset.click, chat.clear):
+            trigger(lambda pair: ([], analyst.reset(pair), "New conversation about the same pair."), [state],
+                    [chat, state, status])
     return app
 
 
