@@ -109,8 +109,9 @@ def apply_lora(model, model_args):
 
 
 def cast_for_mixed_precision(model, dtype: torch.dtype | None) -> None:
-    """Frozen weights in `dtype` (half the memory), trainable weights in fp32 (AdamW updates of 1e-5 * lr vanish in
-    bf16, and fp16 AMP refuses to unscale fp16 gradients). Autocast then runs the matmuls in `dtype`."""
+    """Frozen weights in `dtype` (half the memory), trainable weights in fp32: bf16 keeps ~3 significant digits, so
+    updates ~1e-5 of a weight's size (lr 1e-5) would round away, and fp16 AMP refuses to unscale fp16 gradients.
+    Autocast then runs the matmuls in `dtype`."""
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()

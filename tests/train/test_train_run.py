@@ -232,10 +232,13 @@ def test_lora_trains_saves_reloads_and_merges(workspace, tmp_path):
     output_dir = tmp_path / "lora"
     config = write_config(
         tmp_path / "lora.yaml", workspace, output_dir,
-        training={"max_steps": 6, "save_steps": 6, "learning_rate": 3e-3, "activation_checkpointing": True},
+        training={"max_steps": 6, "save_steps": 6, "learning_rate": 3e-3, "activation_checkpointing": True,
+                  "eval_strategy": "steps", "eval_steps": 6},
         model={"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"]},
     )
     run_main(config)
+    state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    assert any("eval_bleu_4" in entry for entry in state["log_history"])  # generation through the PeftModel
     weights = checkpoint_weights(output_dir / "checkpoint-6")
     lora_keys = [k for k in weights if "lora_" in k]
     assert lora_keys and all(".language_model." in k for k in lora_keys)
