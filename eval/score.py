@@ -129,18 +129,50 @@ def id_aliases(value) -> list[str]:
 def load_predictions(path: str | Path) -> tuple[list[Prediction], int]:
     """Prediction records of a file -> (predictions with unique ids, number of duplicates dropped)."""
     data = read_records(path, "prediction file")
-    records = _record_list(data)
+    records = _merge_turn_lines(_record_list(data))
     if not records:
         raise ScoreError(f"prediction file {path} holds no predictions")
     predictions, seen, duplicates = [], set(), 0
     for number, record in enumerate(records, start=1):
         prediction = _prediction_from_record(record, number, path)
-        if prediction.id in seen:
+        key = (prediction.task, prediction.id)  # ids are unique within a task file, not across task files
+        if key in seen:
             duplicates += 1  # keep the first, as the published CCExpert scores did
             continue
-        seen.add(prediction.id)
+        seen.add(key)
         predictions.append(prediction)
     return predictions, duplicates
+
+
+def _merge_turn_lines(records: list) -> list:
+    """`deltavlm eval` writes one line per model call (`turn` 1, 2, ...); a dialogue's turns become one record
+    with a list of predictions, per-turn references and questions, in turn order. Other records pass through."""
+    if not any(isinstance(record, dict) and "turn" in record for record in records):
+        return records
+    groups: dict[tuple, list] = {}
+    for record in records:
+        if not isinstance(record, dict) or "turn" not in record:
+            groups[("", id(record))] = [record]
+            continue
+        groups.setdefault((record.get("task"), str(record.get("id"))), []).append(record)
+    merged = []
+    for turns in groups.values():
+        first = turns[0]
+        if not isinstance(first, dict) or first.get("task") != "dialogue":
+            merged.extend(turns)
+            continue
+        by_turn = {}
+        for line in turns:
+            by_turn.setdefault(int(line["turn"]), line)  # a resumed run may repeat a turn: keep the first
+        ordered = [by_turn[number] for number in sorted(by_turn)]
+        merged.append({
+            "id": first["id"],
+            "task": "dialogue",
+            "prediction": [line.get("prediction", "") for line in ordered],
+            "references": [(line.get("references") or [""])[0] for line in ordered],
+            "questions": [line.get("question", "") for line in ordered],
+        })
+    return merged
 
 
 def _record_list(data) -> list:
@@ -461,8 +493,14 @@ def score_files(predictions_path, references_path=None, task=None, protocol="sta
                 meteor=True) -> dict:
     """Everything `deltavlm score` does short of printing: returns the JSON-ready result."""
     predictions, duplicates = load_predictions(predictions_path)
-    references = load_references(references_path, split) if references_path else inline_references(predictions)
-    pairs, report = match(predictions, references)
+    if references_path:
+        references = load_references(references_path, split)
+        pairs, report = match(predictions, references)
+    else:  # each record carries its own references: pair them directly (ids may repeat across tasks)
+        references = inline_references(predictions)
+        pairs = list(zip(predictions, references))
+        report = {"num_predictions": len(pairs), "num_references": len(pairs), "num_matched": len(pairs),
+                  "num_missing": 0, "num_extra": 0, "missing_examples": [], "extra_examples": []}
     report["num_duplicate_predictions"] = duplicates
     if not pairs:
         raise ScoreError(

@@ -132,6 +132,16 @@ def test_all_tasks_end_to_end(full_run):
     assert not list(full_run.glob("*.tmp"))
 
 
+def test_score_command_reads_the_eval_output_to_the_same_metrics(full_run, tmp_path):
+    from eval.score import main as score_main
+
+    out = tmp_path / "rescored.json"
+    assert score_main(["--predictions", str(full_run / "predictions.jsonl"), "--no-meteor", "--out", str(out)]) == 0
+    rescored = json.loads(out.read_text())["tasks"]
+    metrics = json.loads((full_run / "metrics.json").read_text())["tasks"]
+    assert rescored == metrics  # dialogue turns regrouped; ids repeated across task files kept apart
+
+
 def test_interrupted_run_resumes_to_the_same_metrics(model_dir, data_dir, full_run, tmp_path, monkeypatch):
     calls = []
     real = eval.generation.generate_batch
