@@ -92,7 +92,8 @@ class PairAnalyst:
             after = after.resize(before.size)  # the slider needs one size; the model resizes both anyway
         notes = " ".join(f"Note: {_file_names(w.message)}." for w in caught)
         state = {"before": str(before_path), "after": str(after_path), "pair_embeds": pair_embeds, "messages": []}
-        status = f"Pair loaded ({before.width}x{before.height}). Ask a question or click a task. {notes}".strip()
+        names = f"{Path(before_path).name} -> {Path(after_path).name}"
+        status = f"Pair loaded: {names} ({before.width}x{before.height}). Ask a question or click a task. {notes}".strip()
         return (before, after), overlay(after, heat), state, status
 
     def ask(self, question: str, pair):

@@ -80,7 +80,7 @@ def write_bad_files(folder: Path) -> dict:
 def test_load_pair_then_a_dialogue(analyst, synthetic_pairs):
     before, after = synthetic_pairs[1]["village.png"]
     images, overlay_image, pair, status = analyst.load_pair(before, after)
-    assert status.startswith("Pair loaded (256x256)")
+    assert status.startswith("Pair loaded: village.png -> village.png (256x256)")
     assert [image.size for image in images] == [(256, 256), (256, 256)] and overlay_image.size == (256, 256)
     assert pair["pair_embeds"].shape[0] == 1 and pair["messages"] == []
 
@@ -232,7 +232,7 @@ def test_the_app_in_a_browser(server, model_dir, synthetic_pairs, tmp_path):
             village = pairs["village.png"]
             caption, follow_up = expected_answers(model_dir, *village, [TASK_PROMPTS["caption"], "Where are they?"])
             upload(page, *village)
-            status_contains(page, "Pair loaded")
+            status_contains(page, "Pair loaded: village.png -> village.png")
             page.get_by_role("button", name="Describe the changes").click()
             wait_for_chat(page, caption)
             page.fill("#question textarea", "Where are they?")
@@ -249,7 +249,7 @@ def test_the_app_in_a_browser(server, model_dir, synthetic_pairs, tmp_path):
             crossing = pairs["crossing.png"]
             binary, where = expected_answers(model_dir, *crossing, [TASK_PROMPTS["binary"], "What changed near the road?"])
             upload(page, *crossing)
-            status_contains(page, "Pair loaded")
+            status_contains(page, "Pair loaded: crossing.png -> crossing.png")
             assert "Where are they?" not in page.inner_text("#chat")
             page.get_by_role("button", name="Changed? (yes/no)").click()
             wait_for_chat(page, binary)
@@ -257,6 +257,24 @@ def test_the_app_in_a_browser(server, model_dir, synthetic_pairs, tmp_path):
             page.get_by_role("button", name="Ask", exact=True).click()
             wait_for_chat(page, where)
             status_contains(page, "Answered")
+
+            # picking an example pair fills both file boxes and loads it
+            page.click("#example input")
+            page.get_by_role("option", name="village.png").click()
+            status_contains(page, "Pair loaded: village.png -> village.png")
+            assert "village" in page.inner_text("#before-file") and "village" in page.inner_text("#after-file")
+            assert page.inner_text("#chat").strip() in ("", "Dialogue")
+            page.get_by_role("button", name="Count roads & buildings").click()
+            wait_for_chat(page, expected_answers(model_dir, *village, [TASK_PROMPTS["count"]])[0])
+            status_contains(page, "Answered")
+            # back to the uploaded pair for the picture
+            upload(page, *crossing)
+            status_contains(page, "Pair loaded: crossing.png -> crossing.png")
+            page.get_by_role("button", name="Changed? (yes/no)").click()
+            wait_for_chat(page, binary)
+            page.fill("#question textarea", "What changed near the road?")
+            page.press("#question textarea", "Enter")
+            wait_for_chat(page, where)
 
             screenshot = tmp_path / "serve.png"
             page.screenshot(path=str(screenshot), full_page=True)
