@@ -145,7 +145,7 @@ def build_app(analyst: PairAnalyst):
             before_file = gr.File(label="Before (A)", file_types=UPLOAD_TYPES, elem_id="before-file")
             after_file = gr.File(label="After (B)", file_types=UPLOAD_TYPES, elem_id="after-file")
             example = gr.Dropdown(choices=analyst.example_names(), label="or pick an example pair", value=None,
-                                  visible=analyst.examples is not None, elem_id="example")
+                                  interactive=True, visible=analyst.examples is not None, elem_id="example")
         status = gr.Markdown("Upload a before and an after image.", elem_id="status")
         with gr.Row():
             slider = gr.ImageSlider(label="Before / after", type="pil", format="png", height=360, elem_id="slider")
@@ -162,13 +162,15 @@ def build_app(analyst: PairAnalyst):
 
         def on_files(before_path, after_path):
             images, overlay_image, pair, message = analyst.load_pair(before_path, after_path)
-            return images, overlay_image, pair, [], message
+            # an upload replaces any picked example: the dropdown must not name a pair that is not shown
+            return images, overlay_image, pair, [], message, None
 
-        def on_example(name):
-            if not name:
-                return gr.update(), gr.update(), None, None, None, [], "Pick an example or upload a pair."
+        def on_example(selected: gr.SelectData):
+            name = selected.value
+            if name not in analyst.example_names():  # only names from the list: never a path from the client
+                return gr.update(), gr.update(), None, None, None, [], "Pick an example from the list."
             before_path, after_path = str(analyst.examples / "A" / name), str(analyst.examples / "B" / name)
-            return (before_path, after_path, *on_files(before_path, after_path))
+            return (before_path, after_path, *on_files(before_path, after_path)[:-1])
 
         def on_question(text, pair):
             shown, pair, message = analyst.ask(text, pair)
@@ -178,9 +180,10 @@ def build_app(analyst: PairAnalyst):
         # One queue for every model call: the callbacks share one model.
         model_queue = dict(concurrency_id="model", concurrency_limit=1)
         for file_box in (before_file, after_file):
-            file_box.upload(on_files, [before_file, after_file], pair_outputs, **model_queue)
-            file_box.clear(on_files, [before_file, after_file], pair_outputs, **model_queue)
-        example.change(on_example, [example], [before_file, after_file, *pair_outputs], **model_queue)
+            file_box.upload(on_files, [before_file, after_file], [*pair_outputs, example], **model_queue)
+            file_box.clear(on_files, [before_file, after_file], [*pair_outputs, example], **model_queue)
+        # select, not change: it fires on the user's pick only, not when an upload resets the dropdown
+        example.select(on_example, None, [before_file, after_file, *pair_outputs], **model_queue)
         answer_outputs = [chat, state, status, question]
         for button, prompt in zip(task_buttons, TASK_BUTTONS.values()):
             button.click(lambda pair, text=prompt: on_question(text, pair), [state], answer_outputs, **model_queue)
