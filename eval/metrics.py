@@ -16,9 +16,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from processing.conversation import GRID_CELLS, TASK_PROMPTS
+from processing.conversation import GRID_CELLS, task_of_question  # noqa: F401  (re-exported)
 
-from eval.parsers import CATEGORIES, parse_binary, parse_count, parse_localization, words
+from eval.parsers import CATEGORIES, parse_binary, parse_count, parse_localization
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 PROTOCOLS = ("standard", "authors")
@@ -333,27 +333,6 @@ def _as_list(reference) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # dialogue
-
-def _prompt_words(text: str) -> str:
-    """Lowercase words only, so prompts match whatever punctuation normalisation a file went through."""
-    return " " + " ".join(words(str(text).replace("<image>", " "))) + " "
-
-
-_PROMPT_TASKS = {_prompt_words(prompt): task for task, prompt in TASK_PROMPTS.items()}
-
-
-def task_of_question(question: str) -> str:
-    """The ChangeChat task a question asks for: the task whose prompt it contains (compared as
-    lowercase words, punctuation ignored), else "open".
-
-    The dialogue summary prompt ("Based on the above analysis, ...") is scored as a caption.
-    """
-    text = _prompt_words(question)
-    for prompt, task in _PROMPT_TASKS.items():
-        if prompt in text:
-            return "caption" if task == "dialogue_summary" else task
-    return "open"
-
 
 def score_dialogues(dialogues: list[dict], protocol: str = "standard", meteor: bool = True) -> dict:
     """Per-turn and final-turn scores of multi-turn dialogues.

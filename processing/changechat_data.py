@@ -21,7 +21,7 @@ from pathlib import Path
 
 import datasets
 
-from .conversation import TASK_PROMPTS, conversation_to_rounds
+from .conversation import TASK_PROMPTS, conversation_to_rounds, task_of_question
 
 TASKS = ("caption", "binary", "count", "localization", "open", "dialogue")
 
@@ -47,21 +47,6 @@ _NO_CHANGE_CAPTIONS = {
     "no change has occurred",
     "almost nothing has changed",
 }
-
-
-def task_of_question(question: str) -> str:
-    """The ChangeChat task a question asks for, by its prompt text ("open" when it is none of the fixed ones)."""
-    text = _squash(question)
-    for task, prompt in (
-        ("caption", TASK_PROMPTS["caption"]),
-        ("caption", TASK_PROMPTS["dialogue_summary"]),
-        ("binary", TASK_PROMPTS["binary"]),
-        ("count", TASK_PROMPTS["count"]),
-        ("localization", TASK_PROMPTS["localization"]),
-    ):
-        if _squash(prompt) in text:
-            return task
-    return "open"
 
 
 def resolve_image(image_root: Path, relative: str, where: str) -> str:
@@ -109,28 +94,39 @@ def load_levircc(captions_file, image_root, split: str | None = "test") -> datas
     captions_file, image_root = Path(captions_file), Path(image_root)
     try:
         images = json.loads(captions_file.read_text())["images"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{captions_file}: not a LEVIR-CC captions file ({error})") from error
+    if not isinstance(images, list):
+        raise ValueError(f"{captions_file}: 'images' must be a list, got {type(images).__name__}")
     records = []
+    seen_ids = set()
     for index, image in enumerate(images):
+        where = f"{captions_file.name} image {index}"
+        if not isinstance(image, dict):
+            raise ValueError(f"{where}: expected an object, got {type(image).__name__}")
         if split is not None and image.get("split") != split:
             continue
-        where = f"{captions_file.name} image {index}"
         try:
             folder, name, sentences = image["filepath"], image["filename"], image["sentences"]
             references = [" ".join(sentence["tokens"]) for sentence in sentences]
-        except (KeyError, TypeError) as error:
+        except KeyError as error:
             raise ValueError(f"{where}: missing key {error}") from error
+        except TypeError as error:
+            raise ValueError(f"{where}: 'sentences' must be a list of {{'tokens': [words]}} ({error})") from error
+        record_id = f"Levir_CC_{image.get('split', folder)}_img{image.get('imgid', index)}"
+        if record_id in seen_ids:
+            raise ValueError(f"{where}: duplicate id {record_id!r} (imgid repeated)")
+        seen_ids.add(record_id)
         records.append(
             {
-                "id": f"Levir_CC_{image.get('split', folder)}_img{image.get('imgid', index)}",
+                "id": record_id,
                 "task": "caption",
                 "image_before": resolve_image(image_root, f"{folder}/A/{name}", where),
                 "image_after": resolve_image(image_root, f"{folder}/B/{name}", where),
                 "questions": [TASK_PROMPTS["caption"]],
                 "answers": [references[0] if references else ""],
                 "references": references,
-                "changeflag": int(image.get("changeflag", -1)),
+                "changeflag": _changeflag(image.get("changeflag", -1), where),
             }
         )
     if not records:
@@ -179,12 +175,25 @@ def _task_from_file_name(path: Path) -> str | None:
     return _FILE_SUFFIX_TASKS.get(suffix)
 
 
+def _changeflag(value, where: str) -> int:
+    """-1 (unknown), 0 (unchanged) or 1 (changed); a bool or one of those integers in the file."""
+    if isinstance(value, bool) or value in (-1, 0, 1):
+        return int(value)
+    raise ValueError(f"{where}: 'changeflag' must be 0, 1 (or -1 for unknown), got {value!r}")
+
+
+def _record_id(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{where}: 'id' must be a string or an integer, got {value!r}")
+    return str(value)
+
+
 def _read_json_list(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
@@ -209,19 +218,19 @@ def _instruction_record(entry: dict, image_root: Path, file_task: str | None, wh
         task = "dialogue"
     else:
         task = task_of_question(rounds[0][0])
-    record_id = entry.get("id")
-    if record_id is None:
+    if entry.get("id") is None:
         raise ValueError(f"{where}: missing 'id'")
+    record_id = _record_id(entry["id"], where)
     answers = [answer for _, answer in rounds]
     return {
-        "id": str(record_id),
+        "id": record_id,
         "task": task,
         "image_before": resolve_image(image_root, images[0], where),
         "image_after": resolve_image(image_root, images[1], where),
         "questions": [question for question, _ in rounds],
         "answers": answers,
         "references": [answers[-1]],
-        "changeflag": int(entry.get("changeflag", -1)),
+        "changeflag": _changeflag(entry.get("changeflag", -1), where),
     }
 
 
@@ -229,21 +238,22 @@ def _caption_record(entry: dict, image_root: Path, where: str, default_id: str) 
     captions = entry.get("captions")
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"{where}: 'captions' must be a non-empty list of strings")
-    if not isinstance(entry.get("image_B"), str):
-        raise ValueError(f"{where}: missing 'image_B'")
+    for key in ("image_A", "image_B"):
+        if not isinstance(entry.get(key), str):
+            raise ValueError(f"{where}: '{key}' must be an image path, got {entry.get(key)!r}")
     references = [caption.replace(" .", "").strip() for caption in captions]
     changeflag = entry.get("changeflag")
     if changeflag is None:
         changeflag = 0 if is_unchanged_caption_set(references) else 1
     return {
-        "id": str(entry.get("id", entry.get("image_id", Path(entry["image_A"]).stem or default_id))),
+        "id": _record_id(entry.get("id", entry.get("image_id", Path(entry["image_A"]).stem or default_id)), where),
         "task": "caption",
         "image_before": resolve_image(image_root, entry["image_A"], where),
         "image_after": resolve_image(image_root, entry["image_B"], where),
         "questions": [TASK_PROMPTS["caption"]],
         "answers": [references[0]],
         "references": references,
-        "changeflag": int(changeflag),
+        "changeflag": _changeflag(changeflag, where),
     }
 
 

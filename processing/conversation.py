@@ -79,12 +79,19 @@ def conversation_to_rounds(conversations: list[dict]) -> list[tuple[str, str]]:
 
     Raises ValueError naming the turn when the list does not alternate human/gpt or ends without an answer.
     """
+    if not isinstance(conversations, list):
+        raise ValueError(f"a conversation must be a list of turns, got {type(conversations).__name__}")
     if not conversations:
         raise ValueError("conversation is empty")
     if len(conversations) % 2:
         raise ValueError(
             f"conversation has {len(conversations)} turns; expected human/gpt pairs (the last question has no answer)"
         )
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i} is a {type(turn).__name__}; expected an object {{'from': ..., 'value': ...}}")
+        if not isinstance(turn.get("value", ""), str):
+            raise ValueError(f"turn {i}: 'value' must be a string, got {type(turn['value']).__name__}")
     rounds = []
     for i in range(0, len(conversations), 2):
         human, gpt = conversations[i], conversations[i + 1]
@@ -92,7 +99,7 @@ def conversation_to_rounds(conversations: list[dict]) -> list[tuple[str, str]]:
             raise ValueError(
                 f"turns {i} and {i + 1} are from {human.get('from')!r} and {gpt.get('from')!r}; expected 'human' then 'gpt'"
             )
-        rounds.append((strip_image_placeholders(str(human.get("value", ""))), str(gpt.get("value", ""))))
+        rounds.append((strip_image_placeholders(human.get("value", "")), gpt.get("value", "")))
     return rounds
 
 
@@ -104,6 +111,9 @@ def expand_rounds(rounds: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def messages_to_rounds(messages: list[dict]) -> tuple[list[tuple[str, str]], str]:
     """Chat messages ([{"role": "user"|"assistant", "content": str}, ...], ending with a user turn) ->
     (history rounds, current question)."""
+    for i, message in enumerate(messages or []):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} is a {type(message).__name__}; expected {{'role': ..., 'content': ...}}")
     if not messages or messages[-1].get("role") != "user":
         raise ValueError("a conversation must end with a 'user' message (the question to answer)")
     history, pending = [], None
@@ -128,6 +138,25 @@ def _message_text(message: dict) -> str:
     return strip_image_placeholders(str(content))
 
 
+def task_of_question(question: str) -> str:
+    """The ChangeChat task a question asks for, by its prompt text ("open" when it is none of the fixed ones)."""
+    text = _squash(question)
+    for task, prompt in (
+        ("caption", TASK_PROMPTS["caption"]),
+        ("caption", TASK_PROMPTS["dialogue_summary"]),
+        ("binary", TASK_PROMPTS["binary"]),
+        ("count", TASK_PROMPTS["count"]),
+        ("localization", TASK_PROMPTS["localization"]),
+    ):
+        if _squash(prompt) in text:
+            return task
+    return "open"
+
+
+def _squash(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
 __all__ = [
     "GRID_CELLS",
     "TASK_PROMPTS",
@@ -137,4 +166,5 @@ __all__ = [
     "messages_to_rounds",
     "normalize_text",
     "strip_image_placeholders",
+    "task_of_question",
 ]

@@ -24,7 +24,8 @@ from .trainer import DeltaVLMTrainer
 logger = logging.getLogger("deltavlm.train")
 
 
-def main(argv=None) -> int:
+def main(argv=None, callbacks=()) -> int:
+    """`callbacks`: extra TrainerCallbacks (the demo records a learning curve with one)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         cast_for_mixed_precision(model, mixed_precision_dtype(training_args))
 
     collator = TrainCollator(processor, augment=data_args.augment, seed=training_args.seed)
-    callbacks = [EpochCallback(collator)]
+    callbacks = [EpochCallback(collator), *callbacks]
     if eval_args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=eval_args.early_stopping_patience))
     trainer = DeltaVLMTrainer(
