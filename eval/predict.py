@@ -243,6 +243,8 @@ def _check_arguments(args, batch: bool) -> None:
         raise PredictError(f"{missing} is missing: a pair needs both images")
     if args.tile and args.heatmap:
         raise PredictError("--tile and --heatmap cannot be combined")
+    if args.heatmap and not Path(args.heatmap).parent.is_dir():  # say so now, not after the model has run
+        raise PredictError(f"--heatmap {args.heatmap}: folder {Path(args.heatmap).parent} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +253,8 @@ def _check_arguments(args, batch: bool) -> None:
 def predict_one(args, model, processor, before, after, prompt, settings) -> int:
     result = {"before": args.before, "after": args.after, "task": task_name(prompt), "prompt": prompt}
     if args.tile:
-        result["tiles"] = answer_tiles(model, processor, before, after, prompt, args.tile, settings, args.prompt_format)
+        result["tiles"] = answer_tiles(model, processor, before, after, prompt, args.tile, settings, args.prompt_format,
+                                       args.batch_size)
     else:
         if args.heatmap:
             pair_embeds = save_heatmap(model, processor, before, after, args.heatmap, args.heatmap_method)
@@ -269,7 +272,7 @@ def predict_one(args, model, processor, before, after, prompt, settings) -> int:
     return 0
 
 
-def answer_tiles(model, processor, before, after, prompt, tile, settings, prompt_format, batch_size: int = 8):
+def answer_tiles(model, processor, before, after, prompt, tile, settings, prompt_format, batch_size: int):
     """Answer `prompt` for every tile of the pair: [{"row", "col", "box": [l, t, r, b], "answer"}, ...]."""
     tiles = tile_pair(before, after, tile)
     results = []
@@ -289,11 +292,8 @@ def save_heatmap(model, processor, before, after, path, method) -> torch.Tensor:
 
     try:
         pair_embeds, heat = change_map(model, processor, before, after, method)
-    except ValueError as error:  # e.g. gate map on a model without CSRM
+    except ValueError as error:  # e.g. the gate map on a model without CSRM
         raise PredictError(str(error)) from None
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise PredictError(f"--heatmap {path}: folder {path.parent} does not exist")
     overlay(after, heat).save(path, format="PNG")
     return pair_embeds
 

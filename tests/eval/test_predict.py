@@ -197,6 +197,7 @@ def _corrupt(tmp_path):
         ("folder", "not a file"),
         ("bad_bands", "--bands"),
         ("bad_model", "not a DeltaVLM model folder"),
+        ("heatmap_folder", "does not exist"),
     ],
 )
 def test_bad_input_is_one_line(capsys, model_dir, pair, tmp_path, case, expected):
@@ -211,6 +212,8 @@ def test_bad_input_is_one_line(capsys, model_dir, pair, tmp_path, case, expected
         after = str(tmp_path)
     elif case == "bad_bands":
         extra = ["--bands", "3,2"]
+    elif case == "heatmap_folder":
+        extra = ["--heatmap", tmp_path / "no" / "map.png"]
     args = ["--model", tmp_path if case == "bad_model" else model_dir, "--before", before, *extra, *FAST]
     if case != "only_before":
         args += ["--after", after]
