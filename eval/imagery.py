@@ -76,7 +76,14 @@ def _read_array(path: Path) -> np.ndarray:
             tifffile = None
         if tifffile is not None:
             try:
-                return np.asarray(tifffile.imread(path))
+                with tifffile.TiffFile(path) as tiff:
+                    shape = tiff.series[0].shape
+                    height, width = sorted(shape)[-2:] if len(shape) >= 2 else (0, 0)
+                    if height * width > MAX_PIXELS:  # check the header before tifffile allocates the array
+                        raise ImageryError(f"{path}: {width}x{height} pixels is beyond the {MAX_PIXELS:,} pixel limit")
+                    return np.asarray(tiff.asarray())
+            except ImageryError:
+                raise
             except Exception as error:  # tifffile raises many types for bad files; fall back to PIL below
                 tiff_error = error
         else:

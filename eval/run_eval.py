@@ -306,9 +306,12 @@ def run_generation(model, processor, records, batches, settings, prompt_format, 
     with tqdm(total=total, desc=f"generating (process {state.process_index})", unit="answer",
               disable=not state.is_local_main_process or total == 0) as progress:
         for batch in my_batches:
-            lines = generate_batch(
-                model, processor, [records[i] for i, _ in batch], [turns for _, turns in batch], settings, prompt_format
-            )
+            try:
+                lines = generate_batch(
+                    model, processor, [records[i] for i, _ in batch], [turns for _, turns in batch], settings, prompt_format
+                )
+            except ValueError as error:  # an image that exists but cannot be used (the message names it)
+                raise EvalError(f"{error}; earlier batches are saved: fix the file and rerun to resume") from None
             append_lines(path, lines)
             written += len(lines)
             progress.update(len(lines))

@@ -100,6 +100,8 @@ def read_records(path: str | Path, what: str = "file") -> list | dict:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ScoreError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ScoreError(f"{what} {path} is not UTF-8 text (byte {error.start}): expected JSON or JSONL") from None
     if not text.strip():
         raise ScoreError(f"{what} {path} is empty")
     if path.suffix != ".jsonl":
@@ -108,6 +110,8 @@ def read_records(path: str | Path, what: str = "file") -> list | dict:
         except json.JSONDecodeError as error:
             if not error.msg.startswith("Extra data"):  # a single broken JSON document
                 raise ScoreError(f"{what} {path} line {error.lineno}: invalid JSON ({error.msg})") from None
+        except RecursionError:
+            raise ScoreError(f"{what} {path}: JSON nested too deeply to read") from None
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -115,6 +119,8 @@ def read_records(path: str | Path, what: str = "file") -> list | dict:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise ScoreError(f"{what} {path} line {number}: invalid JSON ({error.msg})") from None
+            except RecursionError:
+                raise ScoreError(f"{what} {path} line {number}: JSON nested too deeply to read") from None
     return records
 
 
@@ -154,6 +160,9 @@ def _merge_turn_lines(records: list) -> list:
         if not isinstance(record, dict) or "turn" not in record:
             groups[("", id(record))] = [record]
             continue
+        if not isinstance(record["turn"], int) or isinstance(record["turn"], bool) or "id" not in record:
+            raise ScoreError(f"prediction record {record.get('id', '(no id)')!r}: a per-turn line needs an 'id' and "
+                             f"an integer 'turn', got turn {record['turn']!r}")
         groups.setdefault((record.get("task"), str(record.get("id"))), []).append(record)
     merged = []
     for turns in groups.values():
@@ -202,14 +211,23 @@ def _prediction_from_record(record, number: int, path) -> Prediction:
         raise ScoreError(f"{where}: no id field (one of {', '.join(ID_KEYS)})")
     if text_key is None:
         raise ScoreError(f"{where}: no prediction field (one of {', '.join(TEXT_KEYS)})")
+    if record[id_key] is None or isinstance(record[id_key], (list, dict)):
+        raise ScoreError(f"{where}: {id_key!r} must be a string or a number, got {record[id_key]!r}")
+    if isinstance(record[text_key], dict):
+        raise ScoreError(f"{where}: {text_key!r} must be text (or a list of per-turn answers), got an object")
     ref_key = _first_key(record, REFERENCE_KEYS)
     references = record.get(ref_key) if ref_key else None
     if isinstance(references, str):
         references = [references]
+    if references is not None and not (isinstance(references, list) and all(isinstance(r, str) for r in references)):
+        raise ScoreError(f"{where}: {ref_key!r} must be a string or a list of strings, got {references!r}")
     task = record.get("task")
     if task is not None and task not in TASKS:
         raise ScoreError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     changed = record.get("changed", record.get("changeflag"))
+    if changed is not None and changed not in (True, False, 0, 1, -1):
+        raise ScoreError(f"{where}: 'changed' must be true/false (or a changeflag 0/1), got {changed!r}")
+    changed = None if changed == -1 else changed
     return Prediction(
         id=str(record[id_key]),
         text=record[text_key] if isinstance(record[text_key], list) else str(record[text_key] or ""),
@@ -224,12 +242,12 @@ def load_references(path: str | Path, split: str = "test") -> list[Reference]:
     """A LEVIR-CC, ChangeChat caption or ChangeChat instruction file -> references (schema by content)."""
     data = read_records(path, "reference file")
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        return _levir_cc_references(data["images"], split)
+        return _levir_cc_references(data["images"], split, path)
     if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
         if "conversations" in data[0]:
             return _instruction_references(data, path)
         if "captions" in data[0]:
-            return _caption_file_references(data)
+            return _caption_file_references(data, path)
     raise ScoreError(
         f"reference file {path}: unknown layout; expected LevirCCcaptions.json ({{'images': [...]}}), "
         "a ChangeChat caption list ([{image_A, captions, changeflag}]) or a ChangeChat instruction list "
@@ -237,19 +255,31 @@ def load_references(path: str | Path, split: str = "test") -> list[Reference]:
     )
 
 
-def _levir_cc_references(images: list, split: str) -> list[Reference]:
+def _malformed(path, number: int, error: Exception) -> ScoreError:
+    """A reference entry without a field the layout needs, or with one of the wrong type."""
+    reason = f"missing field {error}" if isinstance(error, KeyError) else f"a field has the wrong type ({error})"
+    return ScoreError(f"reference file {path} item {number}: {reason}")
+
+
+def _levir_cc_references(images: list, split: str, path) -> list[Reference]:
     references = []
-    for image in images:
+    for number, image in enumerate(images, start=1):
+        if not isinstance(image, dict):
+            raise _malformed(path, number, TypeError(f"expected an object, got {type(image).__name__}"))
         if split != "all" and image.get("split") != split:
             continue
-        filename, imgid, image_split = image["filename"], image["imgid"], image["split"]
+        try:
+            filename, imgid, image_split = image["filename"], image["imgid"], image["split"]
+            answers = [sentence["raw"] for sentence in image["sentences"]]
+        except (KeyError, TypeError) as error:
+            raise _malformed(path, number, error) from None
         uid = f"Levir_CC_{image_split}_img{imgid}"
         references.append(Reference(
             id=uid,
             task="caption",
             # `raw` (" there is no difference .") rather than `tokens`: the authors' protocol reads it;
             # under the standard protocol both give the same token string for every LEVIR-CC sentence.
-            answers=[sentence["raw"] for sentence in image["sentences"]],
+            answers=answers,
             changed=bool(image["changeflag"]) if "changeflag" in image else None,
             aliases=(uid, *id_aliases(filename), str(imgid)),
         ))
@@ -258,15 +288,18 @@ def _levir_cc_references(images: list, split: str) -> list[Reference]:
     return references
 
 
-def _caption_file_references(items: list) -> list[Reference]:
+def _caption_file_references(items: list, path) -> list[Reference]:
     references = []
-    for item in items:
+    for number, item in enumerate(items, start=1):
         image_a = str(item.get("image_A", ""))
         aliases = id_aliases(image_a)
+        captions = item.get("captions")
+        if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+            raise _malformed(path, number, TypeError(f"'captions' must be a list of strings, got {captions!r}"))
         references.append(Reference(
             id=aliases[-1],
             task="caption",
-            answers=list(item["captions"]),
+            answers=list(captions),
             changed=bool(item["changeflag"]) if "changeflag" in item else None,
             aliases=tuple(aliases),
         ))
@@ -276,9 +309,13 @@ def _caption_file_references(items: list) -> list[Reference]:
 def _instruction_references(items: list, path) -> list[Reference]:
     references = []
     for number, item in enumerate(items, start=1):
+        if "id" not in item:
+            raise _malformed(path, number, KeyError("id"))
         try:
             rounds = conversation_to_rounds(item["conversations"])
-        except (KeyError, ValueError) as error:
+        except KeyError as error:
+            raise _malformed(path, number, error) from None
+        except ValueError as error:
             raise ScoreError(f"reference file {path} item {number}: {error}") from None
         questions = [question for question, _ in rounds]
         answers = [answer for _, answer in rounds]

@@ -16,6 +16,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 
 # Images smaller than this are almost certainly a mistake (a thumbnail, an icon, a mask); LEVIR-CC tiles are 256.
 MIN_IMAGE_SIDE = 16
+# PIL modes whose conversion to RGB clips at 255 (16/32-bit integer, float): a 16-bit scene would come out white.
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_HIGH_BIT_DEPTH_HINT = "convert it to 8-bit RGB first (eval.imagery.read_image stretches 16-bit and multi-band imagery)"
 
 
 def load_image(image):
@@ -29,6 +32,8 @@ def load_image(image):
         with Image.open(path) as opened:
             opened.load()
             return opened.copy()
+    except Image.DecompressionBombError as error:  # PIL's MAX_IMAGE_PIXELS guard: refused before decoding
+        raise ValueError(f"cannot read {path} as an image: too large to open safely ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read {path} as an image: {error}") from error
 
@@ -97,8 +102,9 @@ class DeltaVLMImageProcessor(PilBackend):
         flat = []
         for index, pair in enumerate(pairs):
             for which, image in zip(("before", "after"), pair):
+                name = f"pair {index}, {which} image" + (f" {image}" if isinstance(image, (str, os.PathLike)) else "")
                 image = load_image(image)
-                _check_image_size(image, f"pair {index}, {which} image")
+                _check_image_size(image, name)
                 flat.append(image)
         features = super().preprocess(flat, *args, return_tensors="pt", **kwargs)
         pixel_values = features["pixel_values"]  # (2B, C, H, W), before/after interleaved
@@ -109,16 +115,37 @@ class DeltaVLMImageProcessor(PilBackend):
 
 
 def _check_image_size(image, name: str) -> None:
+    """One clear ValueError naming the image for what the resize/normalise backend cannot use (or would use wrongly)."""
     if isinstance(image, Image.Image):
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            raise ValueError(f"{name} has PIL mode {image.mode!r} (more than 8 bits per pixel): {_HIGH_BIT_DEPTH_HINT}")
         width, height = image.size
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         shape = tuple(image.shape)
         # channels-first (C, H, W) when the first axis is small, else (H, W[, C])
-        height, width = shape[-2:] if len(shape) == 3 and shape[0] in (1, 3, 4) else shape[:2]
+        channels_first = len(shape) == 3 and shape[0] in (1, 3, 4)
+        channels = shape[0] if channels_first else shape[2] if len(shape) == 3 else None
+        if len(shape) != 3 or channels not in (1, 3, 4):
+            raise ValueError(
+                f"{name}: array of shape {shape}; expected (H, W, C) or (C, H, W) with 1, 3 or 4 channels "
+                "(pick three bands of multi-band imagery first)"
+            )
+        # 16-bit data: the backend divides by 255 and the values would come out far above 1
+        if _is_wide_integer(image) and image.max() > 255:
+            raise ValueError(f"{name}: {image.dtype} array with values above 255: {_HIGH_BIT_DEPTH_HINT}")
+        height, width = shape[-2:] if channels_first else shape[:2]
     else:
         raise ValueError(f"{name}: unsupported image type {type(image).__name__} (use PIL, numpy, torch or a path)")
     if min(height, width) < MIN_IMAGE_SIDE:
         raise ValueError(f"{name} is {width}x{height} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is expected")
+
+
+def _is_wide_integer(array) -> bool:
+    """An integer array or tensor of more than 8 bits (not bool), with at least one element."""
+    if isinstance(array, torch.Tensor):
+        integer = not (array.dtype.is_floating_point or array.dtype.is_complex or array.dtype in (torch.bool, torch.uint8))
+        return integer and array.numel() > 0
+    return array.dtype.kind in "iu" and array.dtype.itemsize > 1 and array.size > 0
 
 
 __all__ = ["DeltaVLMImageProcessor"]

@@ -11,10 +11,14 @@ which is the authors' layout token for token. The prompt also goes, in BERT's vo
 (`qformer_input_ids`).
 """
 
+import warnings
+
 import torch
 from transformers import AddedToken
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .conversation import MAX_PROMPT_WORDS, format_dialogue_prompt, messages_to_rounds, normalize_text
 
 # Renders a conversation the way the released checkpoint saw it (authors' dataset.py + LAVIS blip_caption):
 # "q: Q1 a: A1  q: Q2" -> lowercase, `. ! " ( ) * # : ; ~` removed, whitespace collapsed, last 50 words kept.
@@ -105,6 +109,8 @@ class DeltaVLMProcessor(ProcessorMixin):
             raise ValueError("DeltaVLMProcessor returns PyTorch tensors only (return_tensors='pt')")
         if text is None:
             raise ValueError("text is required: one prompt per image pair")
+        if not isinstance(text, (str, list, tuple)):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("text must be a string or a non-empty list of strings")
@@ -142,6 +148,16 @@ class DeltaVLMProcessor(ProcessorMixin):
             )
         finally:
             tokenizer.padding_side, tokenizer.truncation_side = saved
+        full_rows = [texts[i] for i in (encoded["attention_mask"].sum(dim=1) == max_length).nonzero().flatten().tolist()]
+        if full_rows:  # a row at the limit may have been cut: count its tokens untruncated (rare, so cheap)
+            lengths = [len(ids) for ids in tokenizer(full_rows, add_special_tokens=False)["input_ids"]]
+            if max(lengths) > max_length:
+                kept = "last" if truncation_side == "left" else "first"
+                warnings.warn(
+                    f"text of {max(lengths)} tokens truncated to its {kept} {max_length} "
+                    "(raise max_prompt_tokens / max_answer_tokens to keep more)",
+                    stacklevel=4,
+                )
         return encoded["input_ids"], encoded["attention_mask"]
 
     def _pad_id(self) -> int:
@@ -236,6 +252,20 @@ class DeltaVLMProcessor(ProcessorMixin):
         training format) or "plain" (the last question verbatim)."""
         if prompt_format not in ("deltavlm", "plain"):
             raise ValueError(f"prompt_format must be 'deltavlm' or 'plain', got {prompt_format!r}")
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
+        for index, messages in enumerate(conversation if batched else [conversation]):
+            try:  # the template itself would render a missing turn or an empty conversation without a word
+                history, question = messages_to_rounds(messages)
+            except ValueError as error:
+                raise ValueError(f"conversation {index}: {error}" if batched else str(error)) from None
+            if prompt_format == "deltavlm":  # the template keeps the last max_words words: say so when it cuts
+                max_words = kwargs.get("max_words", MAX_PROMPT_WORDS)
+                num_words = len(normalize_text(format_dialogue_prompt(history, question), max_words=None).split())
+                if num_words > max_words:
+                    warnings.warn(
+                        f"conversation of {num_words} words truncated to its last {max_words} (the question is kept)",
+                        stacklevel=2,
+                    )
         kwargs.setdefault("tokenize", False)
         return super().apply_chat_template(conversation, chat_template=chat_template, prompt_format=prompt_format, **kwargs)
 
