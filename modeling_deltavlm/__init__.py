@@ -9,6 +9,7 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from processing import DeltaVLMImageProcessor, DeltaVLMProcessor
+from processing.pipeline_deltavlm import register_pipeline
 
 from .configuration_deltavlm import DeltaVLMConfig
 from .modeling_deltavlm import DeltaVLMDifferenceModule, DeltaVLMForConditionalGeneration, DeltaVLMPreTrainedModel
@@ -18,6 +19,8 @@ AutoModel.register(DeltaVLMConfig, DeltaVLMForConditionalGeneration, exist_ok=Tr
 AutoModelForImageTextToText.register(DeltaVLMConfig, DeltaVLMForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(DeltaVLMConfig, image_processor_classes={"pil": DeltaVLMImageProcessor}, exist_ok=True)
 AutoProcessor.register(DeltaVLMConfig, DeltaVLMProcessor, exist_ok=True)
+
+register_pipeline()  # pipeline("bitemporal-image-text-to-text", model=...)
 
 DeltaVLMConfig.register_for_auto_class()
 DeltaVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -1,11 +1,9 @@
 """A transformers pipeline for DeltaVLM: a (before, after) pair and a prompt or conversation in, an answer out.
 
 ```python
-import modeling_deltavlm
-from processing.pipeline_deltavlm import register_pipeline
+import modeling_deltavlm  # registers DeltaVLM, and this pipeline's task name, with transformers
 from transformers import pipeline
 
-register_pipeline()  # once per process; makes the task name known to `pipeline()`
 pipe = pipeline("bitemporal-image-text-to-text", model="path/to/deltavlm-folder")
 pipe({"before": "A.png", "after": "B.png", "prompt": "Please briefly describe the changes in these two images."})
 # {"generated_text": "...", "messages": [..., {"role": "assistant", "content": "..."}]}
