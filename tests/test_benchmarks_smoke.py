@@ -1,0 +1,99 @@
+"""Smoke test: every benchmark script runs end to end on the tiny config with one repeat (no timing asserts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--config", "tiny", "--repeats", "1", "--warmup", "1", "--new-tokens", "3", "--threads", "1", "--device", "cpu"]
+
+
+def _run(script: str, tmp_path, *extra):
+    command = [sys.executable, str(REPO / "benchmarks" / script), *COMMON, "--out", str(tmp_path), *extra]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def _load(tmp_path, name):
+    payload = json.loads((tmp_path / f"{name}.json").read_text())
+    markdown = (tmp_path / f"{name}.md").read_text()
+    assert "Intel" in markdown or "cores" in markdown  # machine line
+    for key in ("cpu", "cpu_cores", "torch", "transformers", "date", "load_average_start", "load_average_end"):
+        assert key in payload["machine"]
+    return payload, markdown
+
+
+def test_latency(tmp_path):
+    _run("bench_latency.py", tmp_path)
+    payload, markdown = _load(tmp_path, "latency_tiny")
+    for side in ("deltavlm", "instructblip"):
+        assert payload["summary"][side]["total"]["n"] == 1
+        assert payload["summary"][side]["decode"]["median"] > 0
+    # same prompt and token budget on both sides: Q + 1 + 24 prompt + 3 new tokens
+    assert payload["output_lengths"]["deltavlm"] == 4 + 1 + 24 + 3
+    assert payload["summary"]["deltavlm"]["csrm"]["median"] > 0
+    assert "DeltaVLM / InstructBLIP" in markdown
+
+
+def test_dialogue(tmp_path):
+    _run("bench_dialogue.py", tmp_path)
+    payload, _ = _load(tmp_path, "dialogue_tiny")
+    assert payload["prompt_tokens_per_turn"] == [24, 51, 78]
+    assert set(payload["summary"]["cached"]) >= {"turn1", "turn2", "turn3", "dialogue"}
+
+
+def test_throughput(tmp_path):
+    _run("bench_throughput.py", tmp_path, "--batch-sizes", "1", "2")
+    payload, _ = _load(tmp_path, "throughput_tiny")
+    assert set(payload["pairs_per_s"]) == {"1", "2"}
+
+
+def test_training(tmp_path):
+    _run("bench_training.py", tmp_path, "--batch-size", "2")
+    payload, markdown = _load(tmp_path, "training_tiny")
+    assert set(payload["results"]) == {"baseline", "activation_checkpointing"}
+    for result in payload["results"].values():
+        assert result["peak_rss"] >= result["rest_rss"] > 0
+    budget = payload["memory_budget_full_bf16"]
+    assert 6.7e9 < budget["parameters"]["language_model"] < 6.8e9
+    assert budget["total_with_gb"] < budget["total_without_gb"]
+    assert "Memory budget" in markdown
+
+
+def test_processor(tmp_path, shared_dir):
+    _run("bench_processor.py", tmp_path)
+    payload, _ = _load(tmp_path, "processor_tiny")
+    assert payload["summary"]
+
+
+def test_gpu_script_cpu_path(tmp_path):
+    """bench_gpu.py (what gpu.sh runs on the full model) on CPU with the tiny config, model built on meta."""
+    completed = _run("bench_gpu.py", tmp_path)
+    assert "built tiny" in completed.stdout
+    summary = json.loads((tmp_path / "gpu_summary_tiny_cpu.json").read_text())
+    assert not summary["errors"] and not summary["skipped"]
+    assert set(summary["results"]) == {"latency", "dialogue", "throughput"}
+    for name in ("latency", "dialogue", "throughput"):
+        assert (tmp_path / f"{name}_tiny_cpu.json").exists()
+
+
+def test_gpu_sh_is_valid_bash():
+    script = REPO / "benchmarks" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    assert "bench_gpu.py" in script.read_text()
+
+
+def test_meta_init_matches_buffers():
+    """The meta-device build (used for the 7B model) fills rotary buffers exactly as a normal build."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import build_model
+
+    normal, meta = build_model("tiny"), build_model("tiny", meta_init=True)
+    for (name, a), (_, b) in zip(normal.named_buffers(), meta.named_buffers()):
+        assert torch.equal(a, b), name
+    assert all(p.device.type == "cpu" for p in meta.parameters())
+
