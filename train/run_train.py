@@ -7,6 +7,7 @@ Order of work: parse and check the config, load and check the data (missing imag
 then load the model, train, export. Every configuration or data error surfaces before the model is loaded.
 """
 
+import json
 import logging
 import os
 import sys
@@ -34,6 +35,8 @@ def main(argv=None, callbacks=()) -> int:
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
+    training_args.resume_from_checkpoint = complete_checkpoint(training_args.resume_from_checkpoint,
+                                                               training_args.output_dir)
     if export_args.reference_language_model and (model_args.lora or model_args.qlora) and export_args.merge_lora:
         raise ValueError("export.reference_language_model cannot be used with merged LoRA adapters (the LLM changes)")
 
@@ -105,6 +108,41 @@ def check_training_args(training_args) -> None:
         raise ValueError("training.remove_unused_columns must be false: the collator reads image paths and prompts")
     if training_args.fp16 and training_args.bf16:
         raise ValueError("choose one of training.fp16 and training.bf16")
+
+
+def complete_checkpoint(resume, output_dir):
+    """`--resume` alone: the last complete checkpoint in output_dir; `--resume PATH`: PATH, which must be complete.
+
+    The Trainer writes a checkpoint folder in place (weights, optimizer, RNG, then trainer_state.json), so a run
+    killed while saving leaves a folder without a readable trainer_state.json. Left to the Trainer, `--resume` would
+    pick that folder and fail deep inside it (a torn model.safetensors, or no trainer_state.json), leaving the user
+    to find and delete it; it is skipped here instead, with a warning.
+    """
+    if resume in (None, False):
+        return None
+
+    def is_complete(folder) -> bool:
+        try:
+            with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as handle:
+                json.load(handle)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    if resume is not True:
+        if not is_complete(resume):
+            raise ValueError(f"checkpoint {resume} is incomplete (no readable trainer_state.json): "
+                             "it was cut short while saving; resume from an earlier one")
+        return resume
+    numbered = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith("checkpoint-") and name.removeprefix("checkpoint-").isdigit():
+            numbered.append((int(name.removeprefix("checkpoint-")), os.path.join(output_dir, name)))
+    for _, folder in sorted(numbered, reverse=True):
+        if is_complete(folder):
+            return folder
+        logger.warning("skipping %s: incomplete (the run was stopped while saving it)", folder)
+    raise ValueError(f"--resume: no complete checkpoint in {output_dir}; run without --resume to start over")
 
 
 def mixed_precision_dtype(training_args) -> torch.dtype | None:
