@@ -86,3 +86,15 @@ def tiny_model():
 
     torch.manual_seed(0)
     return DeltaVLMForConditionalGeneration(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_processor):
+    """A tiny random DeltaVLM and the tiny processor saved as one model folder (read-only for tests)."""
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny_deltavlm")
+    torch.manual_seed(0)
+    DeltaVLMForConditionalGeneration(tiny_config()).save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import deltavlm_cli
@@ -35,14 +34,8 @@ FAST = ["--num-beams", "1", "--max-new-tokens", "4"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
-    from modeling_deltavlm import DeltaVLMForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_deltavlm")
-    torch.manual_seed(0)
-    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def noise_image(path, size=(48, 40), seed=0, mode="RGB"):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import deltavlm_cli
@@ -33,14 +32,8 @@ SETTINGS = GenerationSettings(num_beams=1, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
-    from modeling_deltavlm import DeltaVLMForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_deltavlm")
-    torch.manual_seed(0)
-    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import modeling_deltavlm  # noqa: F401  (Auto-class registration)
@@ -15,14 +14,8 @@ GREEDY = dict(max_new_tokens=4, num_beams=1, do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
-    from modeling_deltavlm import DeltaVLMForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_deltavlm")
-    torch.manual_seed(0)
-    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
