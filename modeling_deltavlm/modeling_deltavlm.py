@@ -390,7 +390,10 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         pair_embeds (`torch.FloatTensor` of shape `(batch_size, 2 * S, D)`, *optional*):
             Precomputed [`~DeltaVLMForConditionalGeneration.get_pair_embeds`] output, instead of `pixel_values`.
         labels (`torch.LongTensor` of shape `(batch_size, T)`, *optional*):
-            Target ids, -100 where no loss is taken (image tokens, prompt, padding).
+            Target ids, -100 where no loss is taken (image tokens, prompt, padding). In training mode (with the
+            default `logits_to_keep=0`) the returned `logits` then hold only the K columns that predict a labelled
+            token, `(batch_size, K, V)`: the loss is unchanged and the LM head skips the image and prompt columns.
+            Pass `logits_to_keep=T` (or use eval mode) for all T columns.
         """
         image_features = None
         if pixel_values is not None or pair_embeds is not None:
@@ -408,6 +411,13 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
                 raise ValueError("give input_ids or inputs_embeds")
             inputs_embeds = self._embed_with_image_features(input_ids, image_features)
 
+        loss_columns = None
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            # Training: only the columns that predict a labelled token need the LM head. The image tokens and the
+            # prompt never do, so this skips most of the (B, T, V) logits, their float32 log-softmax and their
+            # gradient: the largest tensors of a step once activation checkpointing is on. The loss is the same.
+            loss_columns = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)  # (K,)
+            logits_to_keep = loss_columns
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -418,7 +428,15 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             **kwargs,
         )
         loss = None
-        if labels is not None:
+        if loss_columns is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=None,
+                shift_labels=labels[:, loss_columns + 1],
+                vocab_size=self.config.text_config.vocab_size,
+                **kwargs,
+            )
+        elif labels is not None:
             loss = self.loss_function(
                 logits=outputs.logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
