@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -39,6 +40,8 @@ TASKS = {
     "localize": TASK_PROMPTS["localization"],
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+UNSAFE_WEIGHTS = ("its weights file holds pickled Python objects other than tensors and is refused (loading it could "
+                  "run code); use a folder saved with safetensors")
 
 
 class PredictError(ValueError):
@@ -80,6 +83,8 @@ def load_model(model: str, device: str | None = None):
     try:
         loaded = AutoModelForImageTextToText.from_pretrained(str(path) if path.exists() else model)
         processor = AutoProcessor.from_pretrained(str(path) if path.exists() else model)
+    except pickle.UnpicklingError:  # transformers reads pytorch_model.bin with torch.load(weights_only=True)
+        raise PredictError(f"cannot load model {model}: {UNSAFE_WEIGHTS}") from None
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PredictError(f"cannot load model {model}: {first_line}") from None

@@ -29,6 +29,7 @@ before scoring.
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from collections import Counter
@@ -256,6 +257,9 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype):
     try:
         processor = DeltaVLMProcessor.from_pretrained(model)
         network = DeltaVLMForConditionalGeneration.from_pretrained(model, dtype=dtype)
+    except pickle.UnpicklingError:  # transformers reads pytorch_model.bin with torch.load(weights_only=True)
+        raise EvalError(f"cannot load a DeltaVLM model from {model}: its weights file holds pickled Python objects "
+                        "other than tensors and is refused (loading it could run code); use safetensors") from None
     except (OSError, ValueError) as error:
         raise EvalError(f"cannot load a DeltaVLM model from {model}: {error}") from None
     return network.to(device).eval(), processor

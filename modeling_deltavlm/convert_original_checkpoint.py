@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -103,11 +104,26 @@ def load_torch_file(path, what: str) -> object:
         if "mmap" not in str(error):
             raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
     except Exception as error:  # noqa: BLE001 - pickle/zip errors come in many types
-        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
+        raise _load_error(path, what, error) from error
     try:  # legacy (non-zip) files cannot be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}") from error
+        raise _load_error(path, what, error) from error
+
+
+def _load_error(path, what: str, error: Exception) -> "ConversionError":
+    """torch's weights-only refusal invites a retry with weights_only=False; say instead what was refused."""
+    text = str(error)
+    if not (isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in text):
+        return ConversionError(f"{what} {path} is not a PyTorch checkpoint: {_first_line(error)}")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = next((line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)), "")
+    if "global" not in detail.lower():  # not a pickle at all, or opcodes the weights-only reader does not take
+        return ConversionError(f"{what} {path} is not a PyTorch checkpoint: the weights-only reader stopped ({detail})")
+    return ConversionError(
+        f"{what} {path} refused: it holds pickled Python objects other than tensors, which could run code when "
+        f"loaded ({detail}); only plain weights are read (torch.load with weights_only=True)"
+    )
 
 
 def _first_line(error: Exception) -> str:
