@@ -155,6 +155,9 @@ def build_nano(seed: int = 0, **config_overrides):
         image_processor, tokenizer, qformer_tokenizer, num_query_tokens=NANO_NUM_QUERY_TOKENS, max_prompt_tokens=96
     )
     text_config = language_model.config.to_dict()
+    # the GGUF file is Q4_1-quantised but transformers dequantises it on load: the weights are plain float32,
+    # and a leftover quantization_config would make Trainer refuse to train the model
+    text_config.pop("quantization_config", None)
     text_config["pad_token_id"] = tokenizer.pad_token_id
     config = nano_config(text_config, processor.image_token_id, **config_overrides)
     model = DeltaVLMForConditionalGeneration(config)
