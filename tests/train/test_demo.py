@@ -1,0 +1,63 @@
+"""`deltavlm demo`: its scoring pieces on a small synthetic set (fast), and the whole run on a tiny budget (slow)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from train.demo import HEADLINE, baseline_scores, headline, main, plot_curve, summary_table
+from train.synthetic import write_dataset
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_dataset(folder, 40, seed=3)
+    return folder
+
+
+def test_baselines_are_the_trivial_answers(synthetic):
+    baselines = baseline_scores(synthetic, limit=8)
+    assert set(baselines) == set(HEADLINE)
+    # always "no change" for counts: MAE equals the mean true count; empty localization: F1 0
+    assert headline("localization", baselines["localization"]) == 0.0
+    assert headline("count", baselines["count"]) >= 0.0
+    assert baselines["binary"]["num_samples"] == 8 and 0.0 <= baselines["binary"]["accuracy"] <= 100.0
+
+
+def test_summary_table_compares_in_the_right_direction():
+    ours = {"binary": {"accuracy": 80.0}, "count": {"roads": {"mae": 0.5}, "buildings": {"mae": 0.5}}}
+    theirs = {"binary": {"accuracy": 50.0}, "count": {"roads": {"mae": 0.4}, "buildings": {"mae": 0.4}}}
+    table = summary_table(ours, theirs)
+    assert "| binary | accuracy | 80.00 | 50.00 | yes |" in table
+    assert "| count | MAE (mean of roads, buildings) | 0.50 | 0.40 | no |" in table  # lower is better
+
+
+def test_curve_plot_is_written(tmp_path):
+    points = [{"minutes": 0.5, "binary accuracy": 0.4, "count MAE": 1.2}, {"minutes": 1.0, "binary accuracy": 0.7}]
+    plot_curve(points, tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size == (640, 400)
+
+
+def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--before", str(tmp_path / "a.png")]) == 2
+    assert "both --before and --after" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--before", "nope.png", "--after", "nope.png"]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
+    pytest.importorskip("gguf")
+    before, after = sample_pairs[1]
+    out = tmp_path / "demo"
+    code = main(["--out", str(out), "--budget-minutes", "1", "--pairs", "60", "--eval-limit", "6",
+                 "--before", before, "--after", after, "--save-to", str(tmp_path / "home")])
+    assert code == 0
+    assert (tmp_path / "home" / "config.json").is_file()
+    results = (out / "results.md").read_text()
+    for task in HEADLINE:
+        assert f"| {task} |" in results
+    answers = json.loads((out / "answers.json").read_text())
+    assert len(answers) == 2 and all(set(a) == {"caption", "binary", "count", "localization"} for a in answers.values())
+    assert (out / "curve.png").is_file()
