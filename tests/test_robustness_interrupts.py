@@ -132,7 +132,6 @@ def test_eval_killed_at_random_points_resumes_to_the_same_files(model_dir, eval_
         if not killed:
             break
     assert kills[0][2], f"seed {SEED}: the first kill did not land ({kills})"
-    assert count_lines(out / "predictions.jsonl") < total or kills[-1][2]
     run_to_end(eval_command(model_dir, eval_data, out))
     for name in OUTPUTS:
         assert (out / name).read_text() == (reference / name).read_text(), f"seed {SEED}, kills {kills}: {name} differs"
@@ -143,9 +142,7 @@ def test_eval_killed_before_any_output_starts_cleanly(model_dir, eval_data, tmp_
     """A kill during start-up (before the first line) leaves at most run_config.json; the rerun completes."""
     out = tmp_path / "early"
     delay = random.Random(SEED + 1).uniform(0.5, 2.0)
-    killed = run_until_killed(eval_command(model_dir, eval_data, out), lambda: True, delay)
-    if killed:
-        assert count_lines(out / "predictions.jsonl") <= 12
+    assert run_until_killed(eval_command(model_dir, eval_data, out), lambda: True, delay), f"seed {SEED}"
     run_to_end(eval_command(model_dir, eval_data, out))
     assert count_lines(out / "predictions.jsonl") == 12
     assert json.loads((out / "metrics.json").read_text())["num_unscored"] == 0
