@@ -4,6 +4,7 @@ The dispatcher imports a subcommand's module only when it runs, so `deltavlm sco
 for torch and `deltavlm --help` is instant.
 """
 
+import os
 import sys
 
 
@@ -90,7 +91,15 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"deltavlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    result = COMMANDS[name][0](rest)
+    try:
+        result = COMMANDS[name][0](rest)
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+        # Commands report bad input by raising these before spending compute; the user gets one line, not a
+        # traceback. (Bugs raise other exceptions and keep theirs.) DELTAVLM_DEBUG=1 shows the traceback.
+        if os.environ.get("DELTAVLM_DEBUG"):
+            raise
+        print(f"deltavlm {name}: error: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
