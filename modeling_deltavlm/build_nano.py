@@ -152,7 +152,15 @@ def build_nano(seed: int = 0, **config_overrides):
     language_model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     image_processor = DeltaVLMImageProcessor(size={"height": NANO_IMAGE_SIZE, "width": NANO_IMAGE_SIZE})
     processor = DeltaVLMProcessor(
-        image_processor, tokenizer, qformer_tokenizer, num_query_tokens=NANO_NUM_QUERY_TOKENS, max_prompt_tokens=96
+        image_processor,
+        tokenizer,
+        qformer_tokenizer,
+        num_query_tokens=NANO_NUM_QUERY_TOKENS,
+        max_prompt_tokens=96,
+        # SmolLM2-Instruct's own chat turn around the DeltaVLM prompt (its bos <|im_start|> opens the user turn):
+        # the frozen LLM then knows a question was asked and ends its answer with <|im_end|>, its eos.
+        llm_prompt_prefix="user\n",
+        llm_prompt_suffix="<|im_end|>\n<|im_start|>assistant\n",
     )
     text_config = language_model.config.to_dict()
     # the GGUF file is Q4_1-quantised but transformers dequantises it on load: the weights are plain float32,

@@ -65,6 +65,8 @@ class DeltaVLMProcessor(ProcessorMixin):
         num_query_tokens: int = 32,
         max_prompt_tokens: int = 128,
         max_answer_tokens: int = 256,
+        llm_prompt_prefix: str = "",
+        llm_prompt_suffix: str = "",
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -73,6 +75,11 @@ class DeltaVLMProcessor(ProcessorMixin):
         self.num_query_tokens = num_query_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens
+        # Text around every prompt on the language-model side only (the Q-Former sees the bare prompt): empty for
+        # the released checkpoint; a chat-tuned LLM (DeltaVLM-Nano's SmolLM2) gets its own turn markers here, in
+        # training and inference alike.
+        self.llm_prompt_prefix = llm_prompt_prefix
+        self.llm_prompt_suffix = llm_prompt_suffix
         super().__init__(
             image_processor,
             tokenizer,
@@ -160,6 +167,11 @@ class DeltaVLMProcessor(ProcessorMixin):
                 )
         return encoded["input_ids"], encoded["attention_mask"]
 
+    def _wrap(self, prompts: list[str]) -> list[str]:
+        if not (self.llm_prompt_prefix or self.llm_prompt_suffix):
+            return prompts
+        return [self.llm_prompt_prefix + prompt + self.llm_prompt_suffix for prompt in prompts]
+
     def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -181,7 +193,7 @@ class DeltaVLMProcessor(ProcessorMixin):
         """Generation layout, left padded: [image x Q][pad ...][bos prompt]."""
         bos_id = self.tokenizer.bos_token_id
         budget = self.max_prompt_tokens - (bos_id is not None)
-        ids, mask = self._tokenize(prompts, budget, side="left", truncation_side="left")
+        ids, mask = self._tokenize(self._wrap(prompts), budget, side="left", truncation_side="left")
         if bos_id is not None:
             # Put bos right before each prompt's first token, i.e. in the last padding column.
             column = (ids.shape[0], 1)  # (not ids[:, :1]: every prompt may be empty, leaving zero columns)
@@ -199,7 +211,7 @@ class DeltaVLMProcessor(ProcessorMixin):
         if eos_id is None:
             raise ValueError("the language-model tokenizer has no eos token; training needs one to end answers")
         prompt_ids, prompt_mask = self._tokenize(
-            prompts, self.max_prompt_tokens - (bos_id is not None), side="right", truncation_side="left"
+            self._wrap(prompts), self.max_prompt_tokens - (bos_id is not None), side="right", truncation_side="left"
         )
         answer_ids, answer_mask = self._tokenize(answers, self.max_answer_tokens - 1, side="right", truncation_side="right")
         batch_size = prompt_ids.shape[0]

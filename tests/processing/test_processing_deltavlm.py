@@ -159,3 +159,21 @@ def test_save_load_round_trip_keeps_both_tokenizers(tmp_path, tiny_processor, sa
     again = loaded(images=sample_pairs[:2], text=["q a", "q bb cc"], answers=["x y", "z"])
     for key in original:
         assert torch.equal(original[key], again[key]), key
+
+
+def test_llm_prompt_prefix_and_suffix_wrap_the_language_model_side_only(tiny_processor, sample_pairs, tmp_path):
+    from processing import DeltaVLMProcessor
+
+    wrapped = DeltaVLMProcessor(
+        tiny_processor.image_processor, tiny_processor.tokenizer, tiny_processor.qformer_tokenizer,
+        num_query_tokens=4, llm_prompt_prefix="user ", llm_prompt_suffix=" answer",
+    )
+    plain = tiny_processor(images=sample_pairs[:1], text=["q describe"], answers=["a road"])
+    inputs = wrapped(images=sample_pairs[:1], text=["q describe"], answers=["a road"])
+    expected = tiny_processor(images=sample_pairs[:1], text=["user q describe answer"], answers=["a road"])
+    assert torch.equal(inputs["input_ids"], expected["input_ids"]) and torch.equal(inputs["labels"], expected["labels"])
+    assert torch.equal(inputs["qformer_input_ids"], plain["qformer_input_ids"])  # the Q-Former sees the bare prompt
+    generation = wrapped(images=sample_pairs[:1], text=["q describe"])
+    assert torch.equal(generation["input_ids"], tiny_processor(images=sample_pairs[:1], text=["user q describe answer"])["input_ids"])
+    wrapped.save_pretrained(tmp_path)
+    assert DeltaVLMProcessor.from_pretrained(tmp_path).llm_prompt_suffix == " answer"
