@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--before", help="a real before image to ask about at the end")
     parser.add_argument("--after", help="the matching after image")
     parser.add_argument("--eval-limit", type=int, default=None, help="test records per task (default: from the budget)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="instruction-tuning steps (default: what fits the budget, timed on this machine)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="vision warm-up steps (default: from the budget)")
     parser.add_argument("--save-to", default=None, help="where to save the model (default: $DELTAVLM_HOME or ~/.cache/deltavlm/nano)")
     parser.add_argument("--no-save", action="store_true", help="do not copy the model to the default location")
     return parser
@@ -106,7 +109,7 @@ def run_demo(args) -> dict:
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
-        warmup_steps = int(min(800, max(60, 12 * args.budget_minutes)))
+        warmup_steps = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes)))
         say(f"vision warm-up: {warmup_steps} steps on the change masks")
         warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
                        log_every=max(1, warmup_steps // 4), log=say)
@@ -120,10 +123,14 @@ def run_demo(args) -> dict:
     model_dir = out / "model"
     curve = []
     if not (model_dir / "config.json").is_file():
-        train_seconds = max(60.0, TRAIN_SHARE * budget - (time.time() - started) * 0.5)
-        step_seconds = _measure_step_seconds(init_dir, data_dir)
-        max_steps = max(20, int(train_seconds / step_seconds))
-        say(f"training {max_steps} steps (~{step_seconds:.1f} s each, {train_seconds / 60:.1f} min)")
+        if args.train_steps:
+            max_steps = args.train_steps
+            say(f"training {max_steps} steps")
+        else:
+            train_seconds = max(60.0, TRAIN_SHARE * budget - (time.time() - started) * 0.5)
+            step_seconds = _measure_step_seconds(init_dir, data_dir)
+            max_steps = max(20, int(train_seconds / step_seconds))
+            say(f"training {max_steps} steps (~{step_seconds:.1f} s each, {train_seconds / 60:.1f} min)")
         config_path = _write_train_config(out, init_dir, data_dir, model_dir, max_steps, args.seed)
         from transformers import AutoProcessor
 
