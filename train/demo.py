@@ -168,9 +168,9 @@ def run_demo(args) -> dict:
     (out / "results.md").write_text(report)
     print("\n" + table + "\n")
 
-    # curve plot: the probe points plus the final evaluation
-    final_minutes = curve[-1]["minutes"] if curve else 0.0
-    curve_points = curve + [{"minutes": final_minutes, **_headline_point(metrics)}]
+    # curve plot: the probe points, then the final evaluation at the end of training
+    end_of_training = curve[-1] if curve else {"minutes": 0.0}
+    curve_points = curve[:-1] + [{**end_of_training, **_headline_point(metrics)}]
     plot_curve(curve_points, out / "curve.png")
     say(f"wrote {out / 'results.md'} and {out / 'curve.png'}")
 
@@ -296,6 +296,10 @@ class CurveCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # where the final evaluation's scores go on the curve
+        self.points.append({"minutes": (time.time() - self.started) / 60, "step": state.global_step})
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every or state.global_step == state.max_steps:
