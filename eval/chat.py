@@ -19,15 +19,13 @@ Commands:
 import json
 import shlex
 import sys
-import warnings
 from pathlib import Path
 
-from eval.imagery import ImageryError, ImageryWarning, parse_bands, read_pair
+from eval.imagery import ImageryError, parse_bands, read_pair
 from eval.predict import (
     TASKS,
     OneLineParser,
     PredictError,
-    _print_warning,
     add_model_arguments,
     answer,
     encode_pairs,
@@ -35,6 +33,7 @@ from eval.predict import (
     load_model,
     quiet_transformers,
     resolve_model,
+    run_cli,
 )
 
 HELP = (
@@ -136,15 +135,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", ImageryWarning)
-        warnings.showwarning = _print_warning("deltavlm chat")
-        try:
-            return run(args)
-        except (PredictError, ImageryError) as error:
-            print(f"deltavlm chat: error: {error}", file=sys.stderr)
-            return 2
+    return run_cli("deltavlm chat", run, build_parser().parse_args(argv))
 
 
 def run(args) -> int:

@@ -182,14 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_cli("deltavlm predict", run, build_parser().parse_args(argv))
+
+
+def run_cli(command: str, run_command, args) -> int:
+    """`run_command(args)` with imagery warnings printed as one line each and bad input as one error line
+    (exit status 2) instead of a traceback. Shared by predict and chat."""
     with warnings.catch_warnings():
         warnings.simplefilter("always", ImageryWarning)
-        warnings.showwarning = _print_warning("deltavlm predict")
+        warnings.showwarning = _print_warning(command)
         try:
-            return run(args)
+            return run_command(args)
         except (PredictError, ImageryError) as error:
-            print(f"deltavlm predict: error: {error}", file=sys.stderr)
+            print(f"{command}: error: {error}", file=sys.stderr)
             return 2
 
 
