@@ -104,13 +104,7 @@ def run(model, config_name: str, args, device, dtype) -> tuple[dict, str]:
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], default_config="full-vision", default_repeats=3)
-    args = parser.parse_args(argv)
-    dtype = common.setup(args)
-    info = common.machine_info(args.device)
-    model = common.build_model(args.config, device=args.device, dtype=dtype)
-    payload, markdown = run(model, args.config, args, args.device, dtype)
-    payload["machine"] = info
-    common.save(args.name or f"dialogue_{args.config}", payload, markdown, args.out)
+    common.run_benchmark(parser.parse_args(argv), run, "dialogue")
 
 
 if __name__ == "__main__":

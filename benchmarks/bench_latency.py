@@ -135,13 +135,7 @@ def run(model, config_name: str, args, device, dtype) -> tuple[dict, str]:
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], default_config="nano", default_repeats=5)
-    args = parser.parse_args(argv)
-    dtype = common.setup(args)
-    info = common.machine_info(args.device)
-    model = common.build_model(args.config, device=args.device, dtype=dtype)
-    payload, markdown = run(model, args.config, args, args.device, dtype)
-    payload["machine"] = info
-    common.save(args.name or f"latency_{args.config}", payload, markdown, args.out)
+    common.run_benchmark(parser.parse_args(argv), run, "latency")
 
 
 if __name__ == "__main__":

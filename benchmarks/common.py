@@ -369,6 +369,16 @@ def save(name: str, payload: dict, markdown: str, out_dir=None) -> tuple[Path, P
     return json_path, md_path
 
 
+def run_benchmark(args, run, name: str) -> None:
+    """The shared body of a benchmark's main(): build the configured model, run, attach machine info, save."""
+    dtype = setup(args)
+    info = machine_info(args.device)
+    model = build_model(args.config, device=args.device, dtype=dtype)
+    payload, markdown = run(model, args.config, args, args.device, dtype)
+    payload["machine"] = info
+    save(args.name or f"{name}_{args.config}", payload, markdown, args.out)
+
+
 def base_parser(description: str, default_config: str = "nano", default_repeats: int = 5):
     import argparse
 

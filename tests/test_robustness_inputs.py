@@ -103,14 +103,8 @@ BAD_IMAGES = {  # kind -> what the one error line says
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
-    from modeling_deltavlm import DeltaVLMForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_deltavlm")
-    torch.manual_seed(0)
-    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -154,14 +154,8 @@ def test_converter_refuses_a_plain_pickle_too(tmp_path, marker, shared_dir):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, make_tiny_config, tiny_processor):
-    from modeling_deltavlm import DeltaVLMForConditionalGeneration
-
-    folder = tmp_path_factory.mktemp("tiny_deltavlm")
-    torch.manual_seed(0)
-    DeltaVLMForConditionalGeneration(make_tiny_config()).save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def pickled_weights_folder(model_dir: Path, folder: Path, state_dict: dict) -> Path:
