@@ -20,7 +20,6 @@ The 7B budget (`--budget`) is arithmetic, printed with its terms; see `memory_bu
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
