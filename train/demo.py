@@ -350,7 +350,8 @@ def _mean(values) -> float:
 
 def baseline_scores(data_dir: Path, limit: int) -> dict:
     """Scores of trivial answers on the same test records: the majority class for binary, always-zero counts,
-    empty localization, and the most frequent training answer for captions, open questions and dialogue turns."""
+    empty localization, the most frequent training answer for captions and open questions, and for each
+    dialogue turn the most frequent training answer at that turn."""
     from eval.metrics import score_dialogues, score_task
 
     train = load_records(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
@@ -365,6 +366,9 @@ def baseline_scores(data_dir: Path, limit: int) -> dict:
         "localization": "roads [] buildings []",
         "open": most_common["open"],
     }
+    dialogue_answers = [r["answers"] for r in train if r["task"] == "dialogue"]
+    by_turn = [Counter(answers[i] for answers in dialogue_answers if len(answers) > i) for i in range(8)]
+    turn_constant = [counter.most_common(1)[0][0] if counter else "" for counter in by_turn]
     results = {}
     for task, file_name in TASK_FILES.items():
         records = load_records(data_dir / "annotations" / file_name, data_dir / "images")
@@ -373,7 +377,10 @@ def baseline_scores(data_dir: Path, limit: int) -> dict:
             dialogues = [
                 {
                     "questions": record["questions"],
-                    "predictions": [constant[task_of_question(q)] for q in record["questions"]],
+                    "predictions": [
+                        turn_constant[i] if i < len(turn_constant) and turn_constant[i] else constant[task_of_question(q)]
+                        for i, q in enumerate(record["questions"])
+                    ],
                     "references": record["answers"],
                 }
                 for record in records
