@@ -287,11 +287,10 @@ class CurveCallback(TrainerCallback):
 
     def __init__(self, data_dir: Path, processor, every: int, seed: int = 0, num_records: int = 16):
         self.processor, self.every, self.points = processor, every, []
-        self.records = {
-            task: load_records(data_dir / "annotations" / f"changechat_val_{suffix}.json", data_dir / "images")
-            .shuffle(seed=seed).select(range(num_records))
-            for task, suffix in (("binary", "binary"), ("count", "count"), ("localization", "loc"))
-        }
+        self.records = {}
+        for task, suffix in (("binary", "binary"), ("count", "count"), ("localization", "loc")):
+            records = load_records(data_dir / "annotations" / f"changechat_val_{suffix}.json", data_dir / "images")
+            self.records[task] = records.shuffle(seed=seed).select(range(min(num_records, len(records))))
         self.started = None
 
     def on_train_begin(self, args, state, control, **kwargs):
