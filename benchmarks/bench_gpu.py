@@ -25,16 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_dialogue, bench_latency, bench_throughput, common  # noqa: E402
+from benchmarks import bench_dialogue, bench_gpu_training, bench_latency, bench_throughput, common  # noqa: E402
 
 
 def main(argv=None):
     started = time.perf_counter()
     parser = common.base_parser(__doc__.splitlines()[0], default_config="full", default_repeats=3)
     bench_throughput.add_arguments(parser)
+    bench_gpu_training.add_arguments(parser)
     parser.add_argument("--time-budget", type=float, default=200.0, help="seconds; later benchmarks are skipped")
-    parser.add_argument("--only", nargs="+", default=["latency", "dialogue", "throughput"],
-                        choices=["latency", "dialogue", "throughput"])
+    parser.add_argument("--only", nargs="+", default=["latency", "dialogue", "throughput", "training"],
+                        choices=["latency", "dialogue", "throughput", "training"],
+                        help="training runs last whatever the order: it casts the trainable weights to fp32")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
@@ -52,7 +54,9 @@ def main(argv=None):
     out_dir = args.out or os.environ.get("OUT") or None
     summary = {"config": args.config, "device": args.device, "dtype": str(dtype), "parameters": parameters,
                "build_seconds": build_seconds, "machine": info, "results": {}, "skipped": [], "errors": {}}
-    benches = {"latency": bench_latency, "dialogue": bench_dialogue, "throughput": bench_throughput}
+    benches = {"latency": bench_latency, "dialogue": bench_dialogue, "throughput": bench_throughput,
+               "training": bench_gpu_training}
+    args.only = sorted(args.only, key=lambda name: name == "training")
     device_tag = torch.device(args.device).type
     for name in args.only:
         elapsed = time.perf_counter() - started
@@ -73,6 +77,11 @@ def main(argv=None):
             payload["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         common.save(f"{name}_{args.config}_{device_tag}", payload, markdown, out_dir)
         summary["results"][name] = {k: payload[k] for k in ("summary", "pairs_per_s") if k in payload}
+        if name == "training":
+            summary["results"][name] = {
+                variant: {"seconds_per_step": r["seconds_per_step"]["median"], "peak_gb": r["peak_bytes"] / 1e9}
+                for variant, r in payload["results"].items()
+            }
     summary["total_seconds"] = time.perf_counter() - started
     summary["machine"]["load_average_end"] = common.load_average()
     target = Path(out_dir or common.RESULTS_DIR) / f"gpu_summary_{args.config}_{device_tag}.json"
