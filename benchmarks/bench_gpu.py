@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_dialogue, bench_gpu_training, bench_latency, bench_throughput, common  # noqa: E402
+from benchmarks import bench_compile, bench_dialogue, bench_gpu_training, bench_latency, bench_throughput, common  # noqa: E402
 
 
 def main(argv=None):
@@ -33,9 +33,10 @@ def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], default_config="full", default_repeats=3)
     bench_throughput.add_arguments(parser)
     bench_gpu_training.add_arguments(parser)
+    bench_compile.add_arguments(parser)
     parser.add_argument("--time-budget", type=float, default=200.0, help="seconds; later benchmarks are skipped")
-    parser.add_argument("--only", nargs="+", default=["latency", "dialogue", "throughput", "training"],
-                        choices=["latency", "dialogue", "throughput", "training"],
+    parser.add_argument("--only", nargs="+", default=["latency", "dialogue", "throughput", "compile", "training"],
+                        choices=["latency", "dialogue", "throughput", "compile", "training"],
                         help="training runs last whatever the order: it casts the trainable weights to fp32")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -55,7 +56,7 @@ def main(argv=None):
     summary = {"config": args.config, "device": args.device, "dtype": str(dtype), "parameters": parameters,
                "build_seconds": build_seconds, "machine": info, "results": {}, "skipped": [], "errors": {}}
     benches = {"latency": bench_latency, "dialogue": bench_dialogue, "throughput": bench_throughput,
-               "training": bench_gpu_training}
+               "compile": bench_compile, "training": bench_gpu_training}
     args.only = sorted(args.only, key=lambda name: name == "training")
     device_tag = torch.device(args.device).type
     for name in args.only:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks 1-4 (latency + stage split + InstructBLIP ratio, 3-turn dialogue with/without pair_embeds,
-# throughput at batch 1/4/8/16) and the measured training memory of benchmark 5 on the full-size DeltaVLM (EVA-ViT-g, BERT-base Q-Former, CSRM, Vicuna-7B
+# throughput at batch 1/4/8/16), static cache + torch.compile against the default (bench_compile) and the measured
+# training memory of benchmark 5 on the full-size DeltaVLM (EVA-ViT-g, BERT-base Q-Former, CSRM, Vicuna-7B
 # shape; random weights, bf16) on ONE H100/H200, within about 4 minutes of machine time.
 #
 #   bash benchmarks/gpu.sh                  # results in $OUT if set, else benchmarks/results
