@@ -47,6 +47,13 @@ def way_kwargs(way: str, compile_on_cpu: bool) -> dict:
     return kwargs
 
 
+def agreement(output: torch.Tensor, reference: torch.Tensor, prompt_length: int) -> dict:
+    new, ref = output[:, prompt_length:].cpu(), reference[:, prompt_length:].cpu()
+    same = new == ref
+    first = [int((~row).nonzero()[0]) if (~row).any() else None for row in same]
+    return {"fraction": float(same.float().mean()), "first_difference_per_row": first}
+
+
 def run(model, config_name: str, args, device, dtype) -> tuple[dict, str]:
     gen = common.generation_kwargs(args.new_tokens)
     on_cuda = torch.device(device).type == "cuda"
@@ -69,6 +76,9 @@ def run(model, config_name: str, args, device, dtype) -> tuple[dict, str]:
                 "way": way, "batch_size": size, "first_call_s": first, "steady": common.summarize(times),
                 "second_shape_first_call_s": second_first,
                 "tokens_equal_dynamic": bool(torch.equal(output.cpu(), reference.cpu())),
+                # bf16 kernels differ between eager and compiled code; random weights give near-tied logits, so
+                # greedy paths can part: how many generated tokens agree, and where rows first differ
+                "generated_tokens_agreeing": agreement(output, reference, inputs["input_ids"].shape[1]),
             }
             print(f"{way} batch {size}: first {first:.2f} s, steady {results[f'{way}@{size}']['steady']['median']:.3f} s",
                   flush=True)
@@ -78,7 +88,7 @@ def run(model, config_name: str, args, device, dtype) -> tuple[dict, str]:
         rows.append([
             r["way"], r["batch_size"], f"{r['first_call_s']:.2f}", common.fmt(r["steady"], 1e3, 1),
             f"{base / r['steady']['median']:.2f}x", f"{r['second_shape_first_call_s']:.2f}",
-            "yes" if r["tokens_equal_dynamic"] else "NO",
+            "yes" if r["tokens_equal_dynamic"] else f"{r['generated_tokens_agreeing']['fraction']:.0%} of tokens",
         ])
     table = common.markdown_table(
         ["way", "batch", "first call s", "steady ms (median [spread])", "speed-up vs dynamic",

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="as transformers 4.33 counted it for the authors: 1 = no minimum")
     generation.add_argument("--penalize-prompt", action="store_true",
                             help="apply the repetition penalty to prompt tokens too (the authors' did not)")
+    generation.add_argument("--static-cache", action="store_true",
+                            help="pre-allocated KV cache; on CUDA the decoding step is then torch.compile'd "
+                            "(~25 s once, then faster per answer: see benchmarks/README.md)")
     generation.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                             help="auto: bfloat16 on a GPU that supports it, else float32")
     scoring = parser.add_argument_group("scoring")
@@ -124,6 +127,7 @@ def settings_from_args(args) -> GenerationSettings:
         length_penalty=args.length_penalty,
         min_length=args.min_length,
         penalize_prompt=args.penalize_prompt,
+        static_cache=args.static_cache,
     )
 
 

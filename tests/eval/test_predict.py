@@ -100,6 +100,15 @@ def test_answer_is_what_the_model_generates(capsys, model_dir, pair):
     assert out == expected + "\n"
 
 
+def test_static_cache_flag_gives_the_same_answer(capsys, model_dir, pair):
+    base = ["--model", model_dir, "--before", pair[0], "--after", pair[1], "--task", "caption", *FAST]
+    status, dynamic, _ = predict(capsys, *base)
+    assert status == 0
+    status, static, err = predict(capsys, *base, "--static-cache")
+    assert status == 0, err
+    assert static == dynamic
+
+
 def test_default_model_location(capsys, model_dir, pair, tmp_path, monkeypatch):
     monkeypatch.setenv("DELTAVLM_HOME", str(tmp_path / "empty"))
     status, out, err = predict(capsys, "--before", pair[0], "--after", pair[1], *FAST)

@@ -208,6 +208,9 @@ def test_generation_defaults_are_the_authors(tiny_processor):
     kwargs = settings.generate_kwargs(tiny_processor.tokenizer, prompt_length=9)
     assert kwargs["generation_config"].pad_token_id == 500  # [PAD], not 0
     assert kwargs["logits_processor"][0].prompt_ignore_length == 9  # penalty on generated tokens only
+    assert kwargs["generation_config"].cache_implementation is None  # the dynamic cache unless asked
+    static = GenerationSettings(static_cache=True).generate_kwargs(tiny_processor.tokenizer, prompt_length=9)
+    assert static["generation_config"].cache_implementation == "static"
 
 
 @pytest.mark.parametrize("case", ["missing_image", "empty", "unknown_task", "absent_task", "not_deltavlm"])
@@ -242,3 +245,18 @@ def test_bad_input_fails_before_generation(case, model_dir, data_dir, tmp_path, 
     }[case]
     assert expected in message
     assert not (tmp_path / "out" / "predictions.jsonl").exists()
+
+
+@pytest.mark.parametrize("task, beams", [("dialogue", "1"), ("caption", "3")])
+def test_static_cache_gives_the_same_predictions(task, beams, model_dir, data_dir, tmp_path):
+    """--static-cache (pre-allocated KV cache; compiled decoding on CUDA) changes speed, not answers (fp32 CPU)."""
+    common = ["--model", str(model_dir), "--data", str(data_dir), "--image-root", str(SAMPLE_IMAGES), "--task", task,
+              "--num-beams", beams, "--max-new-tokens", "6", "--no-meteor", "--batch-size", "4", "--limit", "3"]
+    assert main([*common, "--out", str(tmp_path / "dynamic")]) == 0
+    assert main([*common, "--out", str(tmp_path / "static"), "--static-cache"]) == 0
+    dynamic = read_lines(tmp_path / "dynamic" / "predictions.jsonl")
+    static = read_lines(tmp_path / "static" / "predictions.jsonl")
+    assert len(dynamic) == len(static) > 3 if task == "dialogue" else len(dynamic) == len(static) == 3
+    assert [line["prediction"] for line in static] == [line["prediction"] for line in dynamic]
+    metrics = json.loads((tmp_path / "static" / "metrics.json").read_text())
+    assert metrics["generation"]["static_cache"] is True
