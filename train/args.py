@@ -44,6 +44,11 @@ class ModelArguments:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "module names inside the language model that get adapters"},
     )
+    encoder_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the ViT, CSRM, Q-Former and query tokens (default: training.learning_rate); "
+                  "the projection and LoRA adapters keep training.learning_rate. 0 freezes the encoder side"},
+    )
 
 
 @dataclass

@@ -45,7 +45,7 @@ HEADLINE = {
     "dialogue": ("final-turn CIDEr", True),
 }
 # Share of the budget the stages get (measured on 2 cores: the rest goes to data, loading and saving).
-TRAIN_SHARE, EVAL_SHARE = 0.55, 0.2
+TRAIN_SHARE = 0.62
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variation", choices=["light", "heavy"], default="light", help="irrelevant variation in B")
     parser.add_argument("--no-difference-module", action="store_true", help="train Nano with CSRM switched off")
+    parser.add_argument("--frozen-llm", action="store_true",
+                        help="no LoRA adapters on the language model (the paper's set-up; learns far slower at this size)")
     parser.add_argument("--before", help="a real before image to ask about at the end")
     parser.add_argument("--after", help="the matching after image")
     parser.add_argument("--eval-limit", type=int, default=None, help="test records per task (default: from the budget)")
@@ -105,14 +107,15 @@ def run_demo(args) -> dict:
     init_dir = out / "nano-init"
     if not (init_dir / "config.json").is_file():
         from modeling_deltavlm.build_nano import build_nano
-        from train.vision_warmup import warm_up_vision
+        from train.vision_warmup import pair_facts, warm_up_vision
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
-        warmup_steps = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes)))
-        say(f"vision warm-up: {warmup_steps} steps on the change masks")
+        warmup_steps = args.warmup_steps or int(min(800, max(60, 10 * args.budget_minutes)))
+        say(f"vision warm-up: {warmup_steps} steps on the change masks and the pairs' facts")
+        facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
         warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
-                       log_every=max(1, warmup_steps // 4), log=say)
+                       log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts)
         model.save_pretrained(init_dir)
         processor.save_pretrained(init_dir)
         del model
@@ -128,10 +131,11 @@ def run_demo(args) -> dict:
             say(f"training {max_steps} steps")
         else:
             train_seconds = max(60.0, TRAIN_SHARE * budget - (time.time() - started) * 0.5)
-            step_seconds = _measure_step_seconds(init_dir, data_dir)
+            step_seconds = _measure_step_seconds(init_dir, data_dir, lora=not args.frozen_llm)
             max_steps = max(20, int(train_seconds / step_seconds))
             say(f"training {max_steps} steps (~{step_seconds:.1f} s each, {train_seconds / 60:.1f} min)")
-        config_path = _write_train_config(out, init_dir, data_dir, model_dir, max_steps, args.seed)
+        config_path = _write_train_config(out, init_dir, data_dir, model_dir, max_steps, args.seed,
+                                          lora=not args.frozen_llm)
         from transformers import AutoProcessor
 
         probe = CurveCallback(data_dir, AutoProcessor.from_pretrained(init_dir), every=max(1, max_steps // 3), seed=args.seed)
@@ -220,14 +224,32 @@ def _default_home() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".cache" / "deltavlm" / "nano"
 
 
-def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int) -> Path:
+# The instruction-tuning stage after the warm-up. Measured on one warmed-up Nano, batches of 16 from the same data:
+# - LoRA on every linear layer of the language model's blocks (pretrained weights frozen, adapters merged at
+#   export): training loss 0.5-0.9 after 30 steps, against 2.1-2.6 with the soft prompt alone, which after 30
+#   steps still answered every count question with "The roads have changed, and the buildings have not.";
+# - the encoder side (ViT, CSRM, Q-Former, queries) frozen: trained on at 3e-4 with the language loss, its
+#   queries lost what the warm-up taught them (the changed-vs-unchanged difference of the projected queries fell
+#   from 2.3 to 0.6 per query in 52 steps) and the answers became constants; frozen, with the projection and
+#   adapters at 1e-3, binary accuracy on 32 validation pairs was 1.00 after 40 steps.
+NANO_LORA = {
+    "lora": True, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+NANO_LEARNING_RATE = 1e-3
+
+
+def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int,
+                        lora: bool = True) -> Path:
     config = {
-        "model": {"model_name_or_path": str(init_dir)},
+        "model": {"model_name_or_path": str(init_dir), "encoder_learning_rate": 0.0, **(NANO_LORA if lora else {})},
         "data": {
             "train_files": [str(data_dir / "annotations" / "changechat_train.json")],
             "image_root": str(data_dir / "images"),
             "val_split": None,
             "levircc_train_split": None,
+            # one caption sample per pair: with all five, captions would be ~45% of a short run's samples
+            "captions_per_pair": "first",
         },
         "export": {"export_dir": str(model_dir), "export_dtype": "float32"},
         "training": {
@@ -235,8 +257,8 @@ def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
             "seed": seed,
             "max_steps": max_steps,
             "per_device_train_batch_size": 16,
-            # higher than the paper's 1e-5: most of Nano's trainable weights start from scratch
-            "learning_rate": 3.0e-4,
+            # higher than the paper's 1e-5: the projection starts from scratch, and LoRA adapters take large rates
+            "learning_rate": NANO_LEARNING_RATE,
             "weight_decay": 0.05,
             "lr_scheduler_type": "cosine",
             "warmup_steps": 0.05,  # a float below 1 is a fraction of max_steps
@@ -254,15 +276,21 @@ def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
     return path
 
 
-def _measure_step_seconds(model_dir: Path, data_dir: Path) -> float:
+def _measure_step_seconds(model_dir: Path, data_dir: Path, lora: bool = True) -> float:
     """Seconds per training step at batch 16 on this machine (two timed steps after one warm-up)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling_deltavlm  # noqa: F401
 
+    from train.args import ModelArguments
+    from train.model import apply_lora, freeze_encoder
+
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     model.set_trainable_as_paper()
+    if lora:
+        model = apply_lora(model, ModelArguments(**NANO_LORA))
+    freeze_encoder(model)  # as the demo's training stage runs: encoder_learning_rate 0
     model.train()
     # a batch of the training mix (prompt lengths differ a lot between tasks: localization's is the longest)
     records = load_records(data_dir / "annotations" / "changechat_train.json", data_dir / "images")

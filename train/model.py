@@ -4,6 +4,7 @@ Everything here takes the model and plain arguments and returns the model: no Tr
 """
 
 import logging
+import re
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -66,6 +67,23 @@ def check_processor_matches(model, processor) -> None:
             f"processor and model disagree: image token {processor.image_token_id} vs {config.image_token_id}, "
             f"{processor.num_query_tokens} vs {config.num_query_tokens} query tokens"
         )
+
+
+# parameter names of the encoder side (ViT, CSRM, Q-Former, queries), also under a peft wrapper's "base_model.model."
+ENCODER_PARAMETER = re.compile(r"(^|\.)(vision_model|difference_module|qformer)\.|(^|\.)query_tokens$")
+
+
+def freeze_encoder(model) -> int:
+    """Freeze the encoder side: only the projection (and LoRA adapters) train. Returns how many tensors were frozen.
+    For a second stage after the encoder has been taught to see (the Nano demo's warm-up)."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and ENCODER_PARAMETER.search(name):
+            param.requires_grad_(False)
+            frozen += 1
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ValueError("encoder_learning_rate 0 leaves nothing to train (no projection or adapter is trainable)")
+    return frozen
 
 
 def freeze_as_paper(model) -> dict[str, int]:
@@ -139,6 +157,8 @@ def _qlora_quantization_config():
 
 
 __all__ = [
+    "ENCODER_PARAMETER",
+    "freeze_encoder",
     "apply_lora",
     "cast_for_mixed_precision",
     "check_processor_matches",

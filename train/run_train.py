@@ -19,7 +19,14 @@ from .args import SECTIONS, parse_args
 from .collator import EpochCallback, TrainCollator
 from .data import caption_prompt, load_train_records, load_val_records, records_to_samples
 from .export import export_model
-from .model import DTYPES, apply_lora, cast_for_mixed_precision, freeze_as_paper, load_model_and_processor
+from .model import (
+    DTYPES,
+    apply_lora,
+    cast_for_mixed_precision,
+    freeze_as_paper,
+    freeze_encoder,
+    load_model_and_processor,
+)
 from .trainer import DeltaVLMTrainer
 
 logger = logging.getLogger("deltavlm.train")
@@ -54,6 +61,11 @@ def main(argv=None, callbacks=()) -> int:
     freeze_as_paper(model)
     if model_args.lora or model_args.qlora:
         model = apply_lora(model, model_args)
+    encoder_learning_rate = model_args.encoder_learning_rate
+    if encoder_learning_rate == 0:
+        # frozen rather than stepped at rate 0: no gradients through the ViT and Q-Former are computed at all
+        freeze_encoder(model)
+        encoder_learning_rate = None
     if not (training_args.deepspeed or training_args.fsdp):  # DeepSpeed / FSDP manage their own precision
         cast_for_mixed_precision(model, mixed_precision_dtype(training_args))
 
@@ -76,6 +88,7 @@ def main(argv=None, callbacks=()) -> int:
             "repetition_penalty": eval_args.eval_repetition_penalty,
         },
         meteor=eval_args.eval_meteor,
+        encoder_learning_rate=encoder_learning_rate,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

@@ -2,7 +2,8 @@
 
 1. Weight decay on every trainable tensor with >= 2 dimensions and on nothing else (the authors' grouping:
    query tokens, Linear and embedding weights decay; biases and norms do not), instead of the Trainer's
-   name-pattern grouping.
+   name-pattern grouping. With `encoder_learning_rate`, the encoder side (ViT, CSRM, Q-Former, query tokens)
+   gets its own learning rate in separate parameter groups; the scheduler scales every group alike.
 2. Checkpoints hold only the trainable weights (`model.safetensors`, keyed by parameter name: ~1 GB for the
    7B model instead of ~30 GB), next to the Trainer's own optimizer / scheduler / RNG / state files, so
    `resume_from_checkpoint` and `load_best_model_at_end` work unchanged. The same format serves LoRA runs
@@ -26,7 +27,7 @@ from accelerate.utils import gather_object
 from transformers import Trainer
 
 from .collator import GenerationCollator
-from .model import trainable_parameter_names
+from .model import ENCODER_PARAMETER, trainable_parameter_names
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ TRAINABLE_WEIGHTS_NAME = "model.safetensors"  # the Trainer looks for this name 
 
 class DeltaVLMTrainer(Trainer):
     def __init__(self, *args, processor=None, generation_config: dict | None = None, caption_prompt: str | None = None,
-                 meteor: bool = False, **kwargs):
+                 meteor: bool = False, encoder_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if encoder_learning_rate is not None and encoder_learning_rate < 0:
+            raise ValueError(f"encoder_learning_rate must be >= 0, got {encoder_learning_rate}")
+        self.encoder_learning_rate = encoder_learning_rate
         self.processor = processor
         self.generation_kwargs = dict(generation_config or {})
         self.caption_prompt = caption_prompt
@@ -46,6 +50,23 @@ class DeltaVLMTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return [name for name, param in model.named_parameters() if param.ndim >= 2]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.encoder_learning_rate is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        encoder = {id(p) for name, p in opt_model.named_parameters() if ENCODER_PARAMETER.search(name)}
+        optimizer = super().create_optimizer(model)
+        # split each (decay / no-decay) group in two before any step, so no optimizer state exists yet
+        for group in list(optimizer.param_groups):
+            encoder_params = [p for p in group["params"] if id(p) in encoder]
+            if not encoder_params:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in encoder]
+            options = {k: v for k, v in group.items() if k != "params"}
+            optimizer.add_param_group({**options, "params": encoder_params, "lr": self.encoder_learning_rate})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     # --- 2. trainable-only checkpoints ---
 

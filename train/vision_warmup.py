@@ -4,11 +4,21 @@ The paper's ViT is EVA-CLIP-g, pretrained on billions of images; Nano's has no p
 offline. Before the instruction tuning, this stage teaches the ViT, `ln_vision` and the difference module to
 see change: a linear probe on the difference module's per-patch outputs predicts, for each patch, whether a
 road and whether a building changed there, supervised by the synthetic data set's change masks (0 = none,
-128 = road, 255 = building). It costs no language-model compute, so it is cheap, and the probe is thrown
-away afterwards: only the model's own weights carry over.
+128 = road, 255 = building).
+
+Given the training annotations (`facts=pair_facts(...)`), it also teaches the Q-Former to carry what it sees:
+a second probe reads the query outputs and predicts the pair's facts that the instruction records state
+(changed or not, how many roads / buildings changed, which 3x3 cells). Without it the Q-Former's fresh
+cross-attention starts nearly uniform over the 2 x S image tokens, so a local change is averaged away
+(measured on a default-budget Nano: the projected queries varied across pairs by < 1% of their scale) and
+the language-model stage, the expensive one, spends its steps discovering where to look.
+
+Neither stage costs language-model compute, so both are cheap, and the probes are thrown away afterwards:
+only the model's own weights carry over.
 """
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -18,7 +28,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from eval.parsers import parse_binary, parse_count, parse_localization
+from processing.changechat_data import load_records
+from processing.conversation import GRID_CELLS, TASK_PROMPTS, task_of_question
+
 ROAD, BUILDING = 128, 255
+COUNT_CLASSES = 6  # 0..4 changed objects, and 5 = "five or more"
+FACT_PROMPTS = [TASK_PROMPTS[task] for task in ("caption", "binary", "count", "localization")]
 
 
 def change_pairs(data_dir, split: str = "train") -> list[tuple[str, str, str]]:
@@ -60,6 +76,65 @@ class ChangeProbe(nn.Module):
         return self.classifier(torch.cat([before, after], dim=-1)[:, 1:])
 
 
+def pair_facts(annotations, image_root=None) -> dict[str, dict]:
+    """What the instruction records state about each pair, keyed by the before image's path.
+
+    Reads every round of every record (single-turn and dialogue) with the evaluation parsers: the binary
+    answer gives `changed` (0/1), the count answer `roads` / `buildings` (ints), the localization answer
+    `cells` (18 floats: the nine GRID_CELLS for roads, then for buildings). Facts no record states are absent.
+    """
+    facts: dict[str, dict] = {}
+    for record in load_records(annotations, image_root):
+        pair = facts.setdefault(os.path.realpath(record["image_before"]), {})
+        for question, answer in zip(record["questions"], record["answers"]):
+            task = task_of_question(question)
+            if task == "binary" and (changed := parse_binary(answer)) is not None:
+                pair["changed"] = float(changed)
+            elif task == "count" and (counts := parse_count(answer)) is not None:
+                pair.update(counts)
+            elif task == "localization" and (cells := parse_localization(answer)) is not None:
+                pair["cells"] = [float(c in cells[k]) for k in ("roads", "buildings") for c in GRID_CELLS]
+    return facts
+
+
+class FactProbe(nn.Module):
+    """Pair-level logits from the Q-Former's query outputs: changed (1), road and building counts (2 x
+    COUNT_CLASSES), changed cells (18). Reads all queries flattened, so each query may specialise."""
+
+    def __init__(self, num_queries: int, width: int):
+        super().__init__()
+        self.classifier = nn.Linear(num_queries * width, 1 + 2 * COUNT_CLASSES + 18)
+
+    def forward(self, query_output: torch.Tensor) -> dict:
+        """(B, Q, Hq) -> changed (B,), roads (B, C), buildings (B, C), cells (B, 18)"""
+        logits = self.classifier(query_output.flatten(1))
+        changed, roads, buildings, cells = logits.split([1, COUNT_CLASSES, COUNT_CLASSES, 18], dim=-1)
+        return {"changed": changed.squeeze(-1), "roads": roads, "buildings": buildings, "cells": cells}
+
+
+def fact_targets(batch_facts: list[dict]) -> dict:
+    """Tensors for FactProbe's loss; a fact a pair lacks is masked out (counts: -100, ignored by cross-entropy)."""
+    changed = torch.tensor([f.get("changed", float("nan")) for f in batch_facts])
+    counts = {
+        key: torch.tensor([min(f[key], COUNT_CLASSES - 1) if key in f else -100 for f in batch_facts])
+        for key in ("roads", "buildings")
+    }
+    cells = torch.tensor([f.get("cells", [float("nan")] * 18) for f in batch_facts])
+    return {"changed": changed, **counts, "cells": cells}
+
+
+def fact_loss(logits: dict, targets: dict) -> torch.Tensor:
+    loss = logits["changed"].new_zeros(())
+    for key in ("changed", "cells"):
+        known = ~torch.isnan(targets[key])
+        if known.any():
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(logits[key][known], targets[key][known])
+    for key in ("roads", "buildings"):
+        if (targets[key] >= 0).any():
+            loss = loss + nn.functional.cross_entropy(logits[key], targets[key], ignore_index=-100)
+    return loss
+
+
 def warm_up_vision(
     model,
     image_processor,
@@ -70,8 +145,16 @@ def warm_up_vision(
     seed: int = 0,
     log_every: int = 25,
     log=print,
+    processor=None,
+    facts: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log."""
+    """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
+
+    With `facts` (from `pair_facts`) and `processor` (for the Q-Former's tokenizer), the Q-Former and the query
+    tokens train too, on the pairs' facts read from the query outputs, under a task prompt drawn per pair.
+    Its pretrained weights (MiniLM for Nano) move at a tenth of `learning_rate`; its fresh cross-attention
+    layers and the queries at the full rate.
+    """
     pairs = change_pairs(data_dir)
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
@@ -79,7 +162,26 @@ def warm_up_vision(
     parameters = (
         list(model.vision_model.parameters()) + list(model.difference_module.parameters()) + list(probe.parameters())
     )
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05)
+    groups = [{"params": parameters}]
+    use_facts = bool(facts)
+    if use_facts:
+        if processor is None:
+            raise ValueError("warm_up_vision: facts need the processor (the Q-Former's tokenizer)")
+        fact_probe = FactProbe(model.config.num_query_tokens, model.config.qformer_config.hidden_size)
+        fresh = [p for n, p in model.qformer.named_parameters() if "crossattention" in n]
+        fresh_ids = {id(p) for p in fresh}
+        pretrained = [p for p in model.qformer.parameters() if id(p) not in fresh_ids]
+        groups += [
+            {"params": fresh + [model.query_tokens] + list(fact_probe.parameters())},
+            {"params": pretrained, "lr": learning_rate / 10},
+        ]
+        parameters = parameters + [p for group in groups[1:] for p in group["params"]]
+        prompts = [processor.apply_chat_template([{"role": "user", "content": p}]) for p in FACT_PROMPTS]
+        facts = {os.path.realpath(path): pair for path, pair in facts.items()}
+        covered = sum(os.path.realpath(before) in facts for before, _, _ in pairs)
+        if not covered:
+            raise ValueError("warm_up_vision: none of the labelled pairs has facts in the annotations given")
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.05)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
@@ -93,10 +195,27 @@ def warm_up_vision(
     history, started = [], time.time()
     for step in range(steps):
         batch = rng.sample(pairs, min(batch_size, len(pairs)))
-        pixel_values = image_processor([(before, after) for before, after, _ in batch])["pixel_values"]
+        images = [(before, after) for before, after, _ in batch]
         targets = patch_targets([mask for _, _, mask in batch], grid)
-        logits = probe(model.get_pair_embeds(pixel_values).pair_embeds)
+        entry = {"step": step}
+        if use_facts:
+            text = [rng.choice(prompts) for _ in batch]
+            inputs = processor(images=images, text=text)
+            features = model.get_image_features(
+                pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
+                qformer_attention_mask=inputs["qformer_attention_mask"],
+            )
+            pair_embeds = features.vision_outputs.pair_embeds
+            facts_logits = fact_probe(features.query_output)
+            batch_facts = fact_targets([facts.get(os.path.realpath(before), {}) for before, _, _ in batch])
+            facts_loss = fact_loss(facts_logits, batch_facts)
+        else:
+            pair_embeds = model.get_pair_embeds(image_processor(images)["pixel_values"]).pair_embeds
+            facts_loss = None
+        logits = probe(pair_embeds)
         loss = loss_function(logits, targets)
+        if facts_loss is not None:
+            loss = loss + facts_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -105,12 +224,19 @@ def warm_up_vision(
         if step % log_every == 0 or step == steps - 1:
             predicted = logits.detach() > 0
             hits = (predicted & targets.bool()).sum().item()
-            f1 = 2 * hits / max(1, predicted.sum().item() + targets.sum().item())
-            entry = {"step": step, "loss": round(loss.item(), 4), "patch_f1": round(f1, 3), "seconds": round(time.time() - started, 1)}
+            entry["patch_f1"] = round(2 * hits / max(1, predicted.sum().item() + targets.sum().item()), 3)
+            message = f"vision warm-up step {step}: loss {loss.item():.4f}, patch F1 {entry['patch_f1']}"
+            if facts_loss is not None:
+                known = ~torch.isnan(batch_facts["changed"])
+                if known.any():
+                    right = (facts_logits["changed"].detach()[known] > 0).float() == batch_facts["changed"][known]
+                    entry["change_accuracy"] = round(right.float().mean().item(), 3)
+                    message += f", change accuracy (queries) {entry['change_accuracy']}"
+            entry.update(loss=round(loss.item(), 4), seconds=round(time.time() - started, 1))
             history.append(entry)
-            log(f"vision warm-up step {step}: loss {entry['loss']}, patch F1 {entry['patch_f1']}")
+            log(message)
     model.train(was_training)
     return history
 
 
-__all__ = ["ChangeProbe", "change_pairs", "patch_targets", "warm_up_vision"]
+__all__ = ["ChangeProbe", "FactProbe", "change_pairs", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]

@@ -263,6 +263,48 @@ def test_lora_trains_saves_reloads_and_merges(workspace, tmp_path):
     assert (logits_adapter - logits_base).abs().max().item() > 1e-3
 
 
+def test_encoder_learning_rate_zero_freezes_the_encoder_side_only(workspace, tmp_path):
+    """`encoder_learning_rate: 0` (with LoRA, as the Nano demo trains after its warm-up): ViT, CSRM, Q-Former and
+    queries keep their weights; the projection and the adapters train."""
+    output_dir = tmp_path / "encoder_lr"
+    config = write_config(
+        tmp_path / "encoder_lr.yaml", workspace, output_dir,
+        training={"max_steps": 3, "save_strategy": "no", "learning_rate": 3e-3, "weight_decay": 0.1},
+        model={"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": ["q_proj"],
+               "encoder_learning_rate": 0.0},
+        data={"val_split": None},
+    )
+    run_main(config)
+    initial, final = load_folder(workspace["model"]), load_folder(output_dir / "final")
+    before, after = dict(initial.named_parameters()), dict(final.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    encoder = [n for n in changed if n.startswith(("vision_model.", "difference_module.", "qformer.", "query_tokens"))]
+    assert not encoder, f"encoder weights moved at learning rate 0: {encoder[:5]}"
+    assert any(n.startswith("language_projection.") for n in changed)
+    assert any(n.startswith("language_model.") and n.endswith("q_proj.weight") for n in changed)  # merged LoRA
+
+
+def test_encoder_learning_rate_groups(workspace):
+    from transformers import TrainingArguments
+
+    from train.trainer import DeltaVLMTrainer
+
+    model = load_folder(workspace["model"])
+    model.set_trainable_as_paper()
+    args = TrainingArguments(output_dir="unused", learning_rate=1e-3, weight_decay=0.05, use_cpu=True, report_to="none")
+    optimizer = DeltaVLMTrainer(model=model, args=args, encoder_learning_rate=1e-5).create_optimizer()
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    groups = {(g["lr"], g["weight_decay"]): {by_id[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {(1e-3, 0.05), (1e-3, 0.0), (1e-5, 0.05), (1e-5, 0.0)}
+    assert {n.split(".")[0] for key in [(1e-5, 0.05), (1e-5, 0.0)] for n in groups[key]} == {
+        "vision_model", "difference_module", "qformer", "query_tokens"}
+    assert {n.split(".")[0] for key in [(1e-3, 0.05), (1e-3, 0.0)] for n in groups[key]} == {"language_projection"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set().union(*groups.values()) == trainable
+    with pytest.raises(ValueError, match="encoder_learning_rate"):
+        DeltaVLMTrainer(model=model, args=args, encoder_learning_rate=-1.0)
+
+
 # --- 2: two processes (DDP, gloo on CPU) ---
 
 

@@ -1,0 +1,98 @@
+"""The vision warm-up (Nano's first training stage): the pairs' facts it reads from the instruction records, and
+one short run on a tiny model through its public function."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processing.conversation import GRID_CELLS
+from train.synthetic import touched_cells, write_dataset
+from train.vision_warmup import BUILDING, COUNT_CLASSES, ROAD, change_pairs, fact_targets, pair_facts, warm_up_vision
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synthetic_warmup")
+    write_dataset(folder, 30, seed=5)
+    return folder
+
+
+def _train_facts(folder):
+    return pair_facts(folder / "annotations" / "changechat_train.json", folder / "images")
+
+
+def test_facts_agree_with_the_change_masks(synthetic):
+    facts = _train_facts(synthetic)
+    pairs = change_pairs(synthetic)
+    assert len(facts) == len(pairs)  # every training pair has its records
+    changed_seen = set()
+    for before, _, mask_path in pairs:
+        pair = facts[os.path.realpath(before)]
+        mask = np.asarray(Image.open(mask_path))
+        assert pair["changed"] == float(mask.any())
+        changed_seen.add(pair["changed"])
+        assert (pair["roads"] + pair["buildings"] > 0) == bool(mask.any())
+        road_cells = [GRID_CELLS[k] for k in range(9) if pair["cells"][k]]
+        building_cells = [GRID_CELLS[k] for k in range(9) if pair["cells"][9 + k]]
+        assert road_cells == touched_cells(mask == ROAD)
+        assert building_cells == touched_cells(mask == BUILDING)
+    assert changed_seen == {0.0, 1.0}
+
+
+def test_missing_facts_are_masked_not_guessed():
+    targets = fact_targets([{"changed": 1.0, "roads": 9, "buildings": 0, "cells": [0.0] * 18}, {}])
+    assert targets["roads"].tolist() == [COUNT_CLASSES - 1, -100]  # 9 clamps to "five or more"; absent: ignored
+    assert targets["changed"][0] == 1.0 and torch.isnan(targets["changed"][1])
+    assert torch.isnan(targets["cells"][1]).all()
+
+
+def test_warm_up_trains_vision_csrm_and_qformer_but_not_the_llm(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=3, batch_size=4, log_every=1,
+                             log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic))
+    assert [entry["step"] for entry in history] == [0, 1, 2]
+    assert all("change_accuracy" in entry and "patch_f1" in entry for entry in history)
+    after = model.state_dict()
+
+    def moved(prefix):
+        return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+    assert moved("vision_model.") and moved("difference_module.") and moved("query_tokens")
+    assert moved("qformer.encoder.layer.0.crossattention.") and moved("qformer.encoder.layer.0.attention.")
+    assert not moved("language_model.") and not moved("language_projection.")
+
+
+def test_warm_up_without_facts_leaves_the_qformer_alone(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    qformer = {name: value.clone() for name, value in model.qformer.state_dict().items()}
+    warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log=lambda _: None)
+    assert all(torch.equal(qformer[k], v) for k, v in model.qformer.state_dict().items())
+
+
+def test_warm_up_errors_name_what_is_missing(synthetic, tiny_processor, tmp_path):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    facts = _train_facts(synthetic)
+    with pytest.raises(ValueError, match="processor"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, facts=facts)
+    with pytest.raises(ValueError, match="none of the labelled pairs"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, processor=tiny_processor,
+                       facts={"/elsewhere/a.png": {"changed": 1.0}})
+    with pytest.raises(FileNotFoundError, match="change masks"):
+        warm_up_vision(model, tiny_processor.image_processor, tmp_path, steps=1)
