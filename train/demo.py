@@ -111,7 +111,7 @@ def run_demo(args) -> dict:
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
-        warmup_steps = args.warmup_steps or int(min(800, max(60, 10 * args.budget_minutes)))
+        warmup_steps = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes)))
         say(f"vision warm-up: {warmup_steps} steps on the change masks and the pairs' facts")
         facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
         warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
