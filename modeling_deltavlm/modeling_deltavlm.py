@@ -535,14 +535,17 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         return model_inputs
 
 
-def default_model_card(config: DeltaVLMConfig, base_models: list[str] | None = None, description: str = "") -> str:
+def default_model_card(config: DeltaVLMConfig, base_models: list[str] | None = None, description: str = "",
+                       datasets: list[str] | None = None) -> str:
     """A model card with the Hub metadata (pipeline tag, license, base models, data sets) of a DeltaVLM folder."""
     text_base = getattr(config.text_config, "_name_or_path", "") or "lmsys/vicuna-7b-v1.5"
     base_models = base_models or [text_base]
+    datasets = ["LEVIR-CC", "ChangeChat-105k"] if datasets is None else datasets
     front_matter = "\n".join(
         ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0", "base_model:"]
         + [f"- {name}" for name in base_models]
-        + ["datasets:", "- LEVIR-CC", "- ChangeChat-105k", "tags:", "- remote-sensing", "- change-detection", "- deltavlm", "---"]
+        + (["datasets:"] + [f"- {name}" for name in datasets] if datasets else [])
+        + ["tags:", "- remote-sensing", "- change-detection", "- deltavlm", "---"]
     )
     vision, qformer, text = config.vision_config, config.qformer_config, config.text_config
     return f"""{front_matter}

@@ -172,6 +172,10 @@ def run_demo(args) -> dict:
     (out / "results.md").write_text(report)
     print("\n" + table + "\n")
 
+    # the saved model says what it is (the generic card would name the GGUF's local path as its base model)
+    sizes = json.loads((data_dir / "metadata.json").read_text()).get("split_sizes", {})
+    (model_dir / "README.md").write_text(nano_model_card(model_dir, table, args, sum(sizes.values()) or num_pairs))
+
     # curve plot: the probe points, then the final evaluation at the end of training
     end_of_training = curve[-1] if curve else {"minutes": 0.0}
     curve_points = curve[:-1] + [{**end_of_training, **_headline_point(metrics)}]
@@ -210,6 +214,33 @@ def run_demo(args) -> dict:
 
 
 # --- training helpers ---
+
+
+def nano_model_card(model_dir: Path, results_table: str, args, num_pairs: int) -> str:
+    from transformers import AutoConfig
+
+    from modeling_deltavlm.modeling_deltavlm import default_model_card
+
+    lora = "no adapters (frozen)" if args.frozen_llm else "LoRA adapters (r 16, every linear layer) merged into it"
+    description = f"""
+
+**DeltaVLM-Nano**: a demonstration model made by `deltavlm demo` on {num_pairs} synthetic bi-temporal pairs
+({args.variation} irrelevant variation, seed {args.seed}). It is **not** the paper's checkpoint and has never seen
+real imagery. Parts: an EVA-style ViT trained from scratch, the difference module (CSRM,
+{"off" if args.no_difference_module else "on"}), a Q-Former initialised from all-MiniLM-L6-v2, and
+SmolLM2-135M-Instruct with {lora}.
+
+Held-out synthetic test split, greedy decoding, next to trivial baselines:
+
+{results_table}
+"""
+    config = AutoConfig.from_pretrained(model_dir)
+    return default_model_card(
+        config,
+        base_models=["HuggingFaceTB/SmolLM2-135M-Instruct", "sentence-transformers/all-MiniLM-L6-v2"],
+        description=description,
+        datasets=[],
+    )
 
 
 def _timer(started: float):

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from train.demo import HEADLINE, baseline_scores, headline, main, plot_curve, summary_table
+from train.demo import HEADLINE, baseline_scores, build_parser, headline, main, nano_model_card, plot_curve, summary_table
 from train.synthetic import write_dataset
 
 
@@ -37,6 +37,16 @@ def test_curve_plot_is_written(tmp_path):
     points = [{"minutes": 0.5, "binary accuracy": 0.4, "count MAE": 1.2}, {"minutes": 1.0, "binary accuracy": 0.7}]
     plot_curve(points, tmp_path / "curve.png")
     assert Image.open(tmp_path / "curve.png").size == (640, 400)
+
+
+def test_nano_model_card_names_its_real_parts_and_results(tiny_model_dir):
+    table = summary_table({"binary": {"accuracy": 80.0}}, {"binary": {"accuracy": 50.0}})
+    card = nano_model_card(tiny_model_dir, table, build_parser().parse_args(["--frozen-llm"]), num_pairs=123)
+    front_matter = card.split("---")[1]
+    assert "- HuggingFaceTB/SmolLM2-135M-Instruct" in front_matter and "/" + "root" not in front_matter
+    assert "datasets:" not in front_matter  # synthetic data only: no LEVIR-CC / ChangeChat claim
+    assert "**not** the paper's checkpoint" in card and "123 synthetic" in card and "no adapters (frozen)" in card
+    assert "| binary | accuracy | 80.00 | 50.00 | yes |" in card
 
 
 def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
