@@ -74,9 +74,22 @@ def test_gpu_script_cpu_path(tmp_path):
     assert "built tiny" in completed.stdout
     summary = json.loads((tmp_path / "gpu_summary_tiny_cpu.json").read_text())
     assert not summary["errors"] and not summary["skipped"]
-    assert set(summary["results"]) == {"latency", "dialogue", "throughput"}
-    for name in ("latency", "dialogue", "throughput"):
+    assert set(summary["results"]) == {"latency", "dialogue", "throughput", "compile", "training"}
+    for name in ("latency", "dialogue", "throughput", "compile", "training"):
         assert (tmp_path / f"{name}_tiny_cpu.json").exists()
+    training = json.loads((tmp_path / "training_tiny_cpu.json").read_text())
+    assert set(training["results"]) == {"baseline", "activation_checkpointing"}
+    assert training["trainable_parameters"] > 0 and training["memory_budget"]["total_with_gb"] > 0
+
+
+def test_compile(tmp_path):
+    """Without --compile-on-cpu the CPU run compares the dynamic and static caches only; their tokens agree."""
+    _run("bench_compile.py", tmp_path, "--compile-batch-sizes", "1", "2")
+    payload, markdown = _load(tmp_path, "compile_tiny")
+    assert set(payload["results"]) == {"dynamic@1", "static@1", "dynamic@2", "static@2"}
+    assert all(r["tokens_equal_dynamic"] and r["generated_tokens_agreeing"]["fraction"] == 1.0
+               for r in payload["results"].values())
+    assert "speed-up vs dynamic" in markdown
 
 
 def test_gpu_sh_is_valid_bash():
