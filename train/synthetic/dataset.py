@@ -158,7 +158,7 @@ def _instruction(record_id: str, images: list, rounds: list) -> dict:
     return {"id": record_id, "image": images, "conversations": conversations}
 
 
-def changechat_records(pair: SyntheticPair, split: str, filename: str, imgid: int) -> dict:
+def changechat_records(pair: SyntheticPair, split: str, filename: str) -> dict:
     """{task file suffix: record} for one pair; "caption" in the caption schema, the rest instructions."""
     stem = filename.rsplit(".", 1)[0]
     images = [f"{split}/A/{filename}", f"{split}/B/{filename}"]
@@ -284,7 +284,7 @@ def write_dataset(
             (folders["B"] / filename).write_bytes(encode_png(pair.image_b))
             (folders["label"] / filename).write_bytes(encode_png(pair.mask))
             levircc.append(levircc_entry(pair, split, filename, imgid))
-            records = changechat_records(pair, split, filename, imgid)
+            records = changechat_records(pair, split, filename)
             for task in TASK_FILES:
                 per_task[task].append(records[task])
             mixed += [records["caption_instruction"]] + [records[t] for t in TASK_FILES if t != "caption"]
