@@ -1,4 +1,4 @@
-"""Benchmarks 1–4 on the full-size model (EVA-ViT-g + BERT-base Q-Former + CSRM + Vicuna-7B shape) on one GPU.
+"""Benchmarks 1–4, the compile comparison and the training memory on the full-size model (EVA-ViT-g + BERT-base Q-Former + CSRM + Vicuna-7B shape) on one GPU.
 
     python benchmarks/bench_gpu.py [--device cuda] [--config full] [--repeats 3] [--time-budget 200]
     python benchmarks/bench_gpu.py --device cpu --config tiny --repeats 1      # the CPU path (smoke test)
@@ -7,7 +7,8 @@ Random weights in bf16 (float32 on CPU). The model is built on the meta device, 
 GPU and filled there (normal(0, 0.02)), which skips a 28 GB float32 CPU initialisation; the InstructBLIP peer
 shares its modules. One process runs, in order: latency + stage split + InstructBLIP ratio
 (bench_latency), the 3-turn dialogue with/without `pair_embeds` (bench_dialogue), throughput at batch
-1/4/8/16 (bench_throughput). Results go to $OUT (or --out, else benchmarks/results) as
+1/4/8/16 (bench_throughput), dynamic vs static vs compiled generation (bench_compile), and last the measured
+training memory (bench_gpu_training: it casts the trainable weights to fp32, so it runs after the others). Results go to $OUT (or --out, else benchmarks/results) as
 `<bench>_<config>_<device>.json/.md` plus `gpu_summary.json`. A benchmark that would start after
 --time-budget seconds is skipped (and listed as skipped), so the whole run stays within its machine time.
 """
