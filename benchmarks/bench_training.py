@@ -1,6 +1,9 @@
 """Training: seconds per step and peak memory, with and without activation checkpointing; 7B memory budget.
 
-    python benchmarks/bench_training.py --config nano [--batch-size 8] [--steps 4] [--threads N]
+    python benchmarks/bench_training.py --config nano [--batch-size 16] [--steps 4] [--threads N]
+        [--malloc-mmap-threshold BYTES]
+
+The default batch, 16, is the batch `deltavlm demo` trains Nano with.
 
 Each variant runs in a FRESH subprocess (so one variant's allocations cannot hide another's peak):
 build the model (random weights), `set_trainable_as_paper()` (Nano: whole ViT, CSRM, Q-Former, projection
@@ -14,12 +17,19 @@ model, before any step: weights + Python/torch runtime), gradients + AdamW momen
 4 bytes), and the rest, `step_memory` = what a step holds at its peak (activations, logits, temporaries).
 (The RSS after a step is not used: glibc keeps freed activation memory mapped, so it depends on the variant.)
 
+glibc's allocator raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+activation-sized tensors come from the heap and their memory stays in the RSS after `free`: the peak RSS then
+measures the heap's high-water mark, which depends on the order of allocations, not the memory the step holds.
+The children therefore run with MALLOC_MMAP_THRESHOLD_ fixed (default 128 KiB: every tensor above it is its own
+mapping, returned on free); `--malloc-mmap-threshold 0` keeps glibc's dynamic default, for comparison.
+
 The 7B budget (`--budget`) is arithmetic, printed with its terms; see `memory_budget()`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -36,6 +46,9 @@ from benchmarks import common  # noqa: E402
 VARIANTS = {
     "baseline": {"checkpointing": False},
     "activation_checkpointing": {"checkpointing": True},
+    # before the chunked loss (issue 8): the LM head on the K labelled columns at once, (B, K, V) logits held
+    "baseline, labelled columns": {"checkpointing": False, "unchunked": True},
+    "activation_checkpointing, labelled columns": {"checkpointing": True, "unchunked": True},
     # before the labelled-columns LM head (issue 8): logits for all T columns, as `logits_to_keep=T` asks
     "baseline, full logits": {"checkpointing": False, "full_logits": True},
     "activation_checkpointing, full logits": {"checkpointing": True, "full_logits": True},
@@ -117,6 +130,8 @@ def child(args) -> dict:
     model.train()
     if variant.get("checkpointing"):
         model.activation_checkpointing_enable()
+    if variant.get("unchunked"):
+        model._plain_lm_head = lambda: None  # the path language models with transformed logits take
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     batch = training_batch(model.config, args.batch_size)
@@ -159,6 +174,7 @@ def child(args) -> dict:
         "trainable_parameters": sum(p.numel() for p in trainable),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "sequence_length": batch["input_ids"].shape[1],
+        "malloc_mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
 
 
@@ -172,7 +188,11 @@ def run_variant(args, name: str, variant: dict) -> dict:
         command += ["--threads", str(args.threads)]
     if args.dtype:
         command += ["--dtype", args.dtype]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"variant {name} failed:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -277,7 +297,9 @@ def budget_markdown(budget: dict) -> str:
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0], default_config="nano", default_repeats=4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16, help="default: the batch the demo trains Nano with")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="MALLOC_MMAP_THRESHOLD_ for the variants' processes (bytes; 0 = glibc's dynamic default)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default --repeats)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
                         help="default: baseline and activation_checkpointing; see VARIANTS for the others")
@@ -316,11 +338,13 @@ def main(argv=None):
         f"Config `{args.config}` (random weights, {any_result['trainable_parameters'] / 1e6:.1f} M of "
         f"{any_result['total_parameters'] / 1e6:.1f} M parameters trainable), batch {args.batch_size}, "
         f"{any_result['sequence_length']} LLM tokens per row, AdamW; {args.steps} timed steps after {args.warmup} "
-        f"warm-up, each variant in a fresh process.\n\n{table}\n\n### Memory budget, full model\n\n"
+        f"warm-up, each variant in a fresh process; MALLOC_MMAP_THRESHOLD_ "
+        f"{args.malloc_mmap_threshold or 'unset (glibc dynamic)'}.\n\n{table}\n\n### Memory budget, full model\n\n"
         + budget_markdown(budget)
     )
     payload = {
         "benchmark": "training", "config": args.config, "batch_size": args.batch_size, "steps": args.steps,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "threads": args.threads, "variants": {name: VARIANTS[name] for name in args.variants},
         "results": results, "memory_budget_full_bf16": budget, "machine": info,
     }

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -390,10 +391,12 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         pair_embeds (`torch.FloatTensor` of shape `(batch_size, 2 * S, D)`, *optional*):
             Precomputed [`~DeltaVLMForConditionalGeneration.get_pair_embeds`] output, instead of `pixel_values`.
         labels (`torch.LongTensor` of shape `(batch_size, T)`, *optional*):
-            Target ids, -100 where no loss is taken (image tokens, prompt, padding). In training mode (with the
-            default `logits_to_keep=0`) the returned `logits` then hold only the K columns that predict a labelled
-            token, `(batch_size, K, V)`: the loss is unchanged and the LM head skips the image and prompt columns.
-            Pass `logits_to_keep=T` (or use eval mode) for all T columns.
+            Target ids, -100 where no loss is taken (image tokens, prompt, padding). In training mode, with the
+            default `logits_to_keep=0`, the LM head runs only on the N positions that predict a label, in chunks
+            recomputed in backward (`chunked_lm_loss`), and the returned `logits` are None: the loss is the same
+            and no (batch_size, T, V) logits are held. Language models that transform their logits (soft-capping,
+            scaling) get the LM head on the K labelled columns instead, `logits` `(batch_size, K, V)`. Pass
+            `logits_to_keep=T` (or use eval mode) for all T columns.
         """
         image_features = None
         if pixel_values is not None or pair_embeds is not None:
@@ -412,7 +415,11 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             inputs_embeds = self._embed_with_image_features(input_ids, image_features)
 
         loss_columns = None
-        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        restricted = labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if restricted and self._plain_lm_head() is not None:
+            return self._chunked_loss_forward(inputs_embeds, attention_mask, position_ids, labels, image_features,
+                                              **kwargs)
+        if restricted:
             # Training: only the columns that predict a labelled token need the LM head. The image tokens and the
             # prompt never do, so this skips most of the (B, T, V) logits, their float32 log-softmax and their
             # gradient: the largest tensors of a step once activation checkpointing is on. The loss is the same.
@@ -444,6 +451,40 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             loss=loss,
             logits=outputs.logits,
             cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+        )
+
+    def _plain_lm_head(self) -> nn.Linear | None:
+        """The language model's LM head when its logits are exactly `lm_head(last_hidden_state)`, else None.
+
+        Llama-family heads are; models that soft-cap or scale their logits (Gemma-2, Cohere, Granite) are not, and
+        keep the labelled-columns path, which calls their own forward."""
+        text = self.config.text_config
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            value = getattr(text, name, None)
+            if value not in (None, 1, 1.0):
+                return None
+        head = self.language_model.get_output_embeddings()
+        if not isinstance(head, nn.Linear) or self.language_model.base_model is self.language_model:
+            return None
+        return head
+
+    def _chunked_loss_forward(self, inputs_embeds, attention_mask, position_ids, labels, image_features, **kwargs):
+        """Training step's loss with the LM head on the labelled positions only, chunk by chunk (see forward)."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.language_model.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **kwargs,
+        )
+        shift_labels = labels[:, 1:]
+        labelled = shift_labels != -100  # (B, T-1)
+        hidden = outputs.last_hidden_state[:, :-1][labelled]  # (N, H): columns t predict token t + 1
+        loss = chunked_lm_loss(hidden, shift_labels[labelled], self._plain_lm_head(), num_items_in_batch)
+        return DeltaVLMCausalLMOutput(
+            loss=loss,
+            logits=None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
@@ -575,6 +616,36 @@ output_ids = model.generate(**inputs, max_new_tokens=60)
 print(processor.batch_decode(output_ids, prompt_length=inputs["input_ids"].shape[1]))
 ```
 """
+
+
+def chunked_lm_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Linear, num_items_in_batch=None,
+                    chunk_logits: int = 2**22) -> torch.Tensor:
+    """Cross-entropy of `lm_head(hidden)` against `targets` without holding all N x V logits.
+
+    hidden (N, H), targets (N,). Rows go through the head in chunks of about `chunk_logits` logits; each chunk is
+    recomputed in backward (activation checkpointing), so a step holds one chunk's float32 logits instead of N x V
+    logits, their log-softmax and their gradient (the largest tensors of a Nano step once the layers are
+    checkpointed). Same reduction as transformers' causal-LM loss: sum / num_items_in_batch when given (the Trainer,
+    under gradient accumulation), else the mean over the N rows.
+    """
+    rows = max(1, chunk_logits // lm_head.out_features)
+    total = hidden.new_zeros((), dtype=torch.float32)  # float32 like transformers' loss, whatever the weights' dtype
+    for start in range(0, hidden.shape[0], rows):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _summed_cross_entropy, hidden[start : start + rows], targets[start : start + rows], lm_head,
+            use_reentrant=False,
+        )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0.0).float()  # nothing labelled: zero, still connected to the graph
+    return total / hidden.shape[0]
+
+
+def _summed_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    return nn.functional.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
 def append_mean_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -114,8 +114,13 @@ def run_demo(args) -> dict:
         warmup_steps = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes)))
         say(f"vision warm-up: {warmup_steps} steps on the change masks and the pairs' facts")
         facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
-        warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
-                       log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts)
+        # held-out probe scores in the log (val split): what the queries carry before the language stage
+        validation_file = data_dir / "annotations" / "changechat_val.json"
+        validation_facts = pair_facts(validation_file, data_dir / "images") if validation_file.is_file() else None
+        history = warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
+                                 log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
+                                 validation_facts=validation_facts, validation_pairs=32)
+        (out / "warmup.json").write_text(json.dumps(history, indent=2))
         model.save_pretrained(init_dir)
         processor.save_pretrained(init_dir)
         del model

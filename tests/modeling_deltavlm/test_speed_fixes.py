@@ -3,6 +3,7 @@
 import torch
 
 from modeling_deltavlm import DeltaVLMForConditionalGeneration
+from modeling_deltavlm.modeling_deltavlm import chunked_lm_loss
 
 PROMPTS = ["q please briefly describe the changes", "q how many buildings", "q where"]
 ANSWERS = ["a road was built along the river", "three", "in the top left corner near the river bend"]
@@ -21,8 +22,8 @@ def _step(model, batch, seed, **kwargs):
     return output, grads
 
 
-def test_training_loss_on_labelled_columns_only_is_identical(make_tiny_config, tiny_processor, sample_pairs):
-    """In training mode the LM head runs only on the columns that predict a label: same loss, same gradients."""
+def test_training_loss_on_labelled_positions_in_chunks_is_identical(make_tiny_config, tiny_processor, sample_pairs):
+    """In training mode the LM head runs only on the labelled positions, chunked: same loss, same gradients."""
     torch.manual_seed(0)
     model = DeltaVLMForConditionalGeneration(make_tiny_config()).train()
     model.set_trainable_as_paper()
@@ -32,14 +33,45 @@ def test_training_loss_on_labelled_columns_only_is_identical(make_tiny_config, t
     fast, fast_grads = _step(model, batch, seed=1)
     full, full_grads = _step(model, batch, seed=1, logits_to_keep=width)  # all T columns: the former path
 
-    assert full.logits.shape[1] == width
-    columns = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
-    assert fast.logits.shape == (3, len(columns), full.logits.shape[-1]) and len(columns) < width
-    torch.testing.assert_close(fast.logits, full.logits[:, columns], rtol=1e-6, atol=1e-6)
+    assert fast.logits is None and full.logits.shape[1] == width  # no logits held in the chunked path
     torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-7)
     assert fast_grads.keys() == full_grads.keys() and fast_grads
     for name in full_grads:
         torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_lm_loss_matches_one_cross_entropy_at_any_chunk_size():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    reference = torch.nn.functional.cross_entropy(head(hidden), targets)
+    (expected_grad,) = torch.autograd.grad(reference, hidden)
+    for chunk_logits in (50, 7 * 50, 10**6):  # 1 row, 7 rows (last chunk short), everything in one chunk
+        loss = chunked_lm_loss(hidden, targets, head, chunk_logits=chunk_logits)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        torch.testing.assert_close(loss, reference)
+        torch.testing.assert_close(grad, expected_grad)
+    summed = chunked_lm_loss(hidden, targets, head, num_items_in_batch=torch.tensor(40), chunk_logits=100)
+    torch.testing.assert_close(summed, reference * 23 / 40)
+    nothing = chunked_lm_loss(hidden[:0], targets[:0], head)
+    nothing.backward()  # nothing labelled: a zero that backward accepts
+    assert nothing.item() == 0.0
+
+
+def test_heads_that_transform_logits_keep_the_labelled_columns_path(make_tiny_config, tiny_processor, sample_pairs):
+    """A language model that soft-caps its logits must get its own forward: the LM head on the K labelled columns."""
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(make_tiny_config()).train()
+    model.config.text_config.final_logit_softcapping = 30.0
+    batch = _training_batch(tiny_processor, sample_pairs)
+    width = batch["input_ids"].shape[1]
+    restricted, _ = _step(model, batch, seed=1)
+    full, _ = _step(model, batch, seed=1, logits_to_keep=width)
+    columns = (batch["labels"][:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
+    assert restricted.logits.shape == (3, len(columns), full.logits.shape[-1]) and len(columns) < width
+    torch.testing.assert_close(restricted.logits, full.logits[:, columns], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(restricted.loss, full.loss, rtol=1e-6, atol=1e-7)
 
 
 def test_loss_with_num_items_in_batch_is_identical(make_tiny_config, tiny_processor, sample_pairs):

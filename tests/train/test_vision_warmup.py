@@ -96,3 +96,42 @@ def test_warm_up_errors_name_what_is_missing(synthetic, tiny_processor, tmp_path
                        facts={"/elsewhere/a.png": {"changed": 1.0}})
     with pytest.raises(FileNotFoundError, match="change masks"):
         warm_up_vision(model, tiny_processor.image_processor, tmp_path, steps=1)
+
+
+def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    validation = pair_facts(synthetic / "annotations" / "changechat_val.json", synthetic / "images")
+    runs = []
+    for validation_facts in (None, validation):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log_every=1,
+                                 log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic),
+                                 validation_facts=validation_facts, validation_pairs=3)
+        runs.append((model, history))
+    (plain, plain_history), (scored, scored_history) = runs
+    assert scored.training  # scoring switches to eval mode and back
+    for entry in scored_history:
+        assert {"val_patch_f1", "val_change_accuracy", "val_cell_f1"} <= set(entry)
+        assert all(0.0 <= entry[key] <= 1.0 for key in ("val_patch_f1", "val_change_accuracy", "val_cell_f1"))
+    assert not any(key.startswith("val_") for entry in plain_history for key in entry)
+    # held-out scoring runs under no_grad in eval mode and draws no random numbers: the same weights come out
+    scored_state = scored.state_dict()
+    assert all(torch.equal(value, scored_state[key]) for key, value in plain.state_dict().items())
+
+
+def test_held_out_scoring_needs_facts_and_matching_pairs(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    validation = pair_facts(synthetic / "annotations" / "changechat_val.json", synthetic / "images")
+    with pytest.raises(ValueError, match="validation_facts need facts"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, validation_facts=validation)
+    with pytest.raises(ValueError, match="images/val"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, processor=tiny_processor,
+                       facts=_train_facts(synthetic), validation_facts=_train_facts(synthetic))
