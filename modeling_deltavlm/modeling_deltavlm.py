@@ -635,12 +635,12 @@ def chunked_lm_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Lin
             _summed_cross_entropy, hidden[start : start + rows], targets[start : start + rows], lm_head,
             use_reentrant=False,
         )
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0.0).float()  # nothing labelled: zero, still connected to the graph
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
-    if hidden.shape[0] == 0:
-        return (hidden.sum() * 0.0).float()  # nothing labelled: zero, still connected to the graph
     return total / hidden.shape[0]
 
 

@@ -54,9 +54,10 @@ def test_chunked_lm_loss_matches_one_cross_entropy_at_any_chunk_size():
         torch.testing.assert_close(grad, expected_grad)
     summed = chunked_lm_loss(hidden, targets, head, num_items_in_batch=torch.tensor(40), chunk_logits=100)
     torch.testing.assert_close(summed, reference * 23 / 40)
-    nothing = chunked_lm_loss(hidden[:0], targets[:0], head)
-    nothing.backward()  # nothing labelled: a zero that backward accepts
-    assert nothing.item() == 0.0
+    for items in (None, torch.tensor(5)):
+        nothing = chunked_lm_loss(hidden[:0], targets[:0], head, num_items_in_batch=items)
+        nothing.backward()  # nothing labelled: a zero that backward accepts
+        assert nothing.item() == 0.0
 
 
 def test_heads_that_transform_logits_keep_the_labelled_columns_path(make_tiny_config, tiny_processor, sample_pairs):
