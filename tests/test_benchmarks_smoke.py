@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--config", "tiny", "--repeats", "1", "--warmup", "1", "--new-tokens", "3", "--threads", "1", "--device", "cpu"]
 
@@ -112,3 +114,19 @@ def test_meta_init_matches_buffers():
         assert torch.equal(a, b), name
     assert all(p.device.type == "cpu" for p in meta.parameters())
 
+
+
+@pytest.mark.slow
+def test_warmup_ablation(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_warmup_ablation.py"), "--pairs", "30", "--steps", "2",
+               "--validation-pairs", "3", "--data", str(tmp_path / "data"), "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "warmup_ablation_heavy")
+    assert set(payload["histories"]) == {"CSRM", "concatenation"}
+    assert payload["data_args"]["variation"] == "heavy"
+    for history in payload["histories"].values():
+        assert [entry["step"] for entry in history] == [0, 1]
+        assert all(0.0 <= entry["val_cell_f1"] <= 1.0 for entry in history)
+    assert "CSRM / concat." in markdown
