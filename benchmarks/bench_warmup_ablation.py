@@ -77,10 +77,13 @@ def main(argv=None):
     rows = []
     for step_index, entry in enumerate(histories["CSRM"]):
         other = histories["concatenation"][step_index]
-        rows.append([entry["step"]] + [f"{entry[k]:.3f} / {other[k]:.3f}" for k in SCORES])
+        # the query scores exist only in the Q-Former phase (the second half of the warm-up)
+        rows.append([entry["step"], entry.get("phase", "")] + [
+            f"{entry[k]:.3f} / {other[k]:.3f}" if k in entry and k in other else "–" for k in SCORES
+        ])
     last = {name: history[-1] for name, history in histories.items()}
     table = common.markdown_table(
-        ["step", "patch F1 (CSRM / concat.)", "change accuracy (CSRM / concat.)", "cell micro-F1 (CSRM / concat.)"],
+        ["step", "phase", "patch F1 (CSRM / concat.)", "change accuracy (CSRM / concat.)", "cell micro-F1 (CSRM / concat.)"],
         rows,
     )
     sizes = metadata.get("split_sizes", {})

@@ -127,6 +127,7 @@ def test_warmup_ablation(tmp_path):
     assert set(payload["histories"]) == {"CSRM", "concatenation"}
     assert payload["data_args"]["variation"] == "heavy"
     for history in payload["histories"].values():
-        assert [entry["step"] for entry in history] == [0, 1]
-        assert all(0.0 <= entry["val_cell_f1"] <= 1.0 for entry in history)
+        assert [(entry["step"], entry["phase"]) for entry in history] == [(0, "vision"), (1, "qformer")]
+        assert all(0.0 <= entry["val_patch_f1"] <= 1.0 for entry in history)
+        assert 0.0 <= history[1]["val_cell_f1"] <= 1.0 and "val_cell_f1" not in history[0]
     assert "CSRM / concat." in markdown

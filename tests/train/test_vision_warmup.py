@@ -57,10 +57,14 @@ def test_warm_up_trains_vision_csrm_and_qformer_but_not_the_llm(synthetic, tiny_
     torch.manual_seed(0)
     model = DeltaVLMForConditionalGeneration(tiny_config())
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=3, batch_size=4, log_every=1,
+    history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=4, batch_size=4, log_every=1,
                              log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic))
-    assert [entry["step"] for entry in history] == [0, 1, 2]
-    assert all("change_accuracy" in entry and "patch_f1" in entry for entry in history)
+    # default split: the first half trains the vision side on the masks, the second the Q-Former on the facts
+    assert [(entry["step"], entry["phase"]) for entry in history] == [
+        (0, "vision"), (1, "vision"), (2, "qformer"), (3, "qformer")
+    ]
+    assert all("patch_f1" in entry for entry in history[:2]) and all("change_accuracy" in entry for entry in history[2:])
+    assert all(p.requires_grad for p in model.vision_model.parameters())  # the freeze of phase two is undone
     after = model.state_dict()
 
     def moved(prefix):
@@ -114,9 +118,12 @@ def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tin
         runs.append((model, history))
     (plain, plain_history), (scored, scored_history) = runs
     assert scored.training  # scoring switches to eval mode and back
+    # the query probe's scores appear once it trains (the Q-Former phase), the patch probe's throughout
+    assert [set(entry) & {"val_patch_f1", "val_change_accuracy", "val_cell_f1"} for entry in scored_history] == [
+        {"val_patch_f1"}, {"val_patch_f1", "val_change_accuracy", "val_cell_f1"}
+    ]
     for entry in scored_history:
-        assert {"val_patch_f1", "val_change_accuracy", "val_cell_f1"} <= set(entry)
-        assert all(0.0 <= entry[key] <= 1.0 for key in ("val_patch_f1", "val_change_accuracy", "val_cell_f1"))
+        assert all(0.0 <= value <= 1.0 for key, value in entry.items() if key.startswith("val_"))
     assert not any(key.startswith("val_") for entry in plain_history for key in entry)
     # held-out scoring runs under no_grad in eval mode and draws no random numbers: the same weights come out
     scored_state = scored.state_dict()
@@ -135,3 +142,36 @@ def test_held_out_scoring_needs_facts_and_matching_pairs(synthetic, tiny_process
     with pytest.raises(ValueError, match="images/val"):
         warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, processor=tiny_processor,
                        facts=_train_facts(synthetic), validation_facts=_train_facts(synthetic))
+
+
+def test_the_qformer_phase_reads_a_fixed_vision_side(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log=lambda _: None,
+                   processor=tiny_processor, facts=_train_facts(synthetic), vision_steps=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vision_model.", "difference_module.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("qformer."))
+    with pytest.raises(ValueError, match="vision_steps must lie in"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, processor=tiny_processor,
+                       facts=_train_facts(synthetic), vision_steps=3)
+    with pytest.raises(ValueError, match="without facts"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, vision_steps=1)
+
+
+def test_cell_positive_weight_scales_only_the_changed_cells():
+    from train.vision_warmup import fact_loss
+
+    logits = {"changed": torch.zeros(1), "roads": torch.zeros(1, COUNT_CLASSES),
+              "buildings": torch.zeros(1, COUNT_CLASSES), "cells": torch.zeros(1, 18)}
+    no_cells = fact_targets([{"changed": 1.0, "roads": 0, "buildings": 0, "cells": [0.0] * 18}])
+    two_cells = fact_targets([{"changed": 1.0, "roads": 0, "buildings": 0, "cells": [1.0, 1.0] + [0.0] * 16}])
+    assert fact_loss(logits, no_cells, 4.0) == pytest.approx(fact_loss(logits, no_cells, 1.0).item())
+    # at logit 0 each cell's term is log 2; a positive weighted by w counts w times: (2*4 + 16) / 18 vs 18 / 18
+    gap = fact_loss(logits, two_cells, 4.0) - fact_loss(logits, two_cells, 1.0)
+    assert gap.item() == pytest.approx(np.log(2) * (2 * 4 + 16 - 18) / 18, rel=1e-5)
