@@ -71,3 +71,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == 2 and all(set(a) == {"caption", "binary", "count", "localization"} for a in answers.values())
     assert (out / "curve.png").is_file()
+    # the evaluation decodes as the curve probe and the answers do: greedy, no repetition penalty
+    generation = json.loads((out / "eval" / "metrics.json").read_text())["generation"]
+    assert generation["num_beams"] == 1 and generation["repetition_penalty"] == 1.0
+    # the warm-up ran its two phases: masks first, then the Q-Former on the facts
+    phases = [entry["phase"] for entry in json.loads((out / "warmup.json").read_text())]
+    assert phases[0] == "vision" and phases[-1] == "qformer"
