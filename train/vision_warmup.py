@@ -8,8 +8,8 @@ road and whether a building changed there, supervised by the synthetic data set'
 
 Given the training annotations (`facts=pair_facts(...)`), a second phase then teaches the Q-Former to carry what
 it sees, with the vision side frozen: a second probe reads the query outputs and predicts the pair's facts that
-the instruction records state (changed or not, how many roads / buildings changed, which 3x3 cells). Without it the Q-Former's fresh
-cross-attention starts nearly uniform over the 2 x S image tokens, so a local change is averaged away
+the instruction records state (changed or not, how many roads / buildings changed, which 3x3 cells). Without
+it the Q-Former's fresh cross-attention starts nearly uniform over the 2 x S image tokens, so a local change is averaged away
 (measured on a default-budget Nano: the projected queries varied across pairs by < 1% of their scale) and
 the language-model stage, the expensive one, spends its steps discovering where to look.
 
@@ -131,7 +131,7 @@ def fact_loss(logits: dict, targets: dict, cell_positive_weight: float = 1.0) ->
         if key == "cells":
             known = known.all(dim=-1)  # a pair states all 18 cells or none
         if known.any():
-            weight = torch.full_like(targets[key][known][0], cell_positive_weight) if key == "cells" else None
+            weight = torch.full((18,), cell_positive_weight) if key == "cells" else None
             loss = loss + nn.functional.binary_cross_entropy_with_logits(
                 logits[key][known], targets[key][known], pos_weight=weight
             )
