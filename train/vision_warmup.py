@@ -9,9 +9,9 @@ road and whether a building changed there, supervised by the synthetic data set'
 Given the training annotations (`facts=pair_facts(...)`), a second phase then teaches the Q-Former to carry what
 it sees, with the vision side frozen: a second probe reads the query outputs and predicts the pair's facts that
 the instruction records state (changed or not, how many roads / buildings changed, which 3x3 cells). Without
-it the Q-Former's fresh cross-attention starts nearly uniform over the 2 x S image tokens, so a local change is averaged away
-(measured on a default-budget Nano: the projected queries varied across pairs by < 1% of their scale) and
-the language-model stage, the expensive one, spends its steps discovering where to look.
+it the Q-Former's fresh cross-attention starts nearly uniform over the 2 x S image tokens, so a local change is
+averaged away (measured on a default-budget Nano: the projected queries varied across pairs by < 1% of their
+scale) and the language-model stage, the expensive one, spends its steps discovering where to look.
 
 Neither stage costs language-model compute, so both are cheap, and the probes are thrown away afterwards:
 only the model's own weights carry over.
