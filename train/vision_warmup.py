@@ -76,6 +76,42 @@ class ChangeProbe(nn.Module):
         return self.classifier(torch.cat([before, after], dim=-1)[:, 1:])
 
 
+class PositionProbe(nn.Module):
+    """Per-patch logits for the patch's own grid row and column, from the difference module's output.
+
+    The Q-Former's cross-attention has no position encoding of its own over the image tokens: it can only tell
+    where a patch lies if the patch's features say so. A pretrained EVA-CLIP's do; a ViT trained from scratch on
+    the change masks alone, a translation-equivariant target, lets its input position embeddings fade (measured
+    on the 60-minute demo's warmed-up Nano: a linear probe told a patch's 3x3 cell from its difference-module
+    output 16% of the time, chance being 11%). Training this probe alongside keeps position readable.
+    """
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.classifier = nn.Linear(width, 2 * grid)
+
+    def forward(self, pair_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2*S, D) -> row logits (B, 2, S-1, grid), column logits (B, 2, S-1, grid); CLS tokens dropped"""
+        tokens = pair_embeds.unflatten(1, (2, -1))[:, :, 1:]  # (B, 2, S-1, D): before, after
+        return self.classifier(tokens).split(self.grid, dim=-1)
+
+    def loss(self, pair_embeds: torch.Tensor) -> torch.Tensor:
+        rows, columns = self.forward(pair_embeds)
+        patches = torch.arange(self.grid * self.grid, device=rows.device)
+        target_rows = (patches // self.grid).expand(rows.shape[:-1])
+        target_columns = (patches % self.grid).expand(columns.shape[:-1])
+        return (nn.functional.cross_entropy(rows.flatten(0, 2), target_rows.flatten())
+                + nn.functional.cross_entropy(columns.flatten(0, 2), target_columns.flatten())) / 2
+
+    def accuracy(self, pair_embeds: torch.Tensor) -> float:
+        """Share of patches whose row and column are both predicted right."""
+        rows, columns = self.forward(pair_embeds)
+        patches = torch.arange(self.grid * self.grid, device=rows.device)
+        right = (rows.argmax(-1) == patches // self.grid) & (columns.argmax(-1) == patches % self.grid)
+        return right.float().mean().item()
+
+
 def pair_facts(annotations, image_root=None) -> dict[str, dict]:
     """What the instruction records state about each pair, keyed by the before image's path.
 
@@ -165,6 +201,7 @@ def warm_up_vision(
     validation_pairs: int = 64,
     vision_steps: int | None = None,
     cell_positive_weight: float = 4.0,
+    position_weight: float = 1.0,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -174,6 +211,8 @@ def warm_up_vision(
     alone, the remaining steps train the Q-Former on the facts with the vision side frozen. The Q-Former's
     pretrained weights (MiniLM for Nano) move at a tenth of `learning_rate`; its fresh cross-attention layers and
     the queries at the full rate. The changed cells are weighted by `cell_positive_weight` in the fact loss.
+    The mask phase also trains a `PositionProbe` (weight `position_weight` in its loss; 0 switches it off) so the
+    patches keep saying where they are: the Q-Former needs that to report which cells changed.
 
     Why two phases (`deltavlm demo` warm-ups on light-variation pairs, 2026-11-26, `warmup.json`): under one
     joint loss the fact terms (two 6-way count cross-entropies among them) dominate the clipped gradient the ViT
@@ -192,6 +231,9 @@ def warm_up_vision(
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
     probe = ChangeProbe(vision.hidden_size)
+    position_probe = PositionProbe(vision.hidden_size, grid)
+    if position_weight < 0:
+        raise ValueError(f"warm_up_vision: position_weight must be >= 0, got {position_weight}")
     vision_parameters = list(model.vision_model.parameters()) + list(model.difference_module.parameters())
     use_facts = bool(facts)
     if vision_steps is None:
@@ -200,8 +242,8 @@ def warm_up_vision(
         raise ValueError(f"warm_up_vision: vision_steps must lie in [0, steps={steps}], got {vision_steps}")
     if not use_facts and vision_steps != steps:
         raise ValueError("warm_up_vision: without facts every step trains the vision side (vision_steps == steps)")
-    vision_optimizer = torch.optim.AdamW(vision_parameters + list(probe.parameters()), lr=learning_rate,
-                                         weight_decay=0.05)
+    probes = list(probe.parameters()) + (list(position_probe.parameters()) if position_weight else [])
+    vision_optimizer = torch.optim.AdamW(vision_parameters + probes, lr=learning_rate, weight_decay=0.05)
     vision_schedule = _cosine_with_warmup(vision_optimizer, max(1, vision_steps))
     if use_facts:
         if processor is None:
@@ -253,6 +295,8 @@ def warm_up_vision(
                 logits = probe(pair_embeds)
                 targets = patch_targets([mask for _, _, mask in batch], grid)
                 loss = patch_loss_function(logits, targets)
+                if position_weight:
+                    loss = loss + position_weight * position_probe.loss(pair_embeds)
                 optimizer, schedule, parameters = vision_optimizer, vision_schedule, vision_parameters
             else:
                 text = [rng.choice(prompts) for _ in batch]
@@ -287,7 +331,8 @@ def warm_up_vision(
                     # the query probe only learns in the Q-Former phase: before it, its scores would be noise
                     scores = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts, grid,
                                               prompts[FACT_PROMPTS.index(TASK_PROMPTS["localization"])],
-                                              with_queries=not vision_phase)
+                                              with_queries=not vision_phase,
+                                              position_probe=position_probe if position_weight else None)
                     entry.update(scores)
                     message += ", held out: " + ", ".join(f"{k[4:]} {v}" for k, v in scores.items())
                 entry.update(loss=round(loss.item(), 4), seconds=round(time.time() - started, 1))
@@ -302,11 +347,13 @@ def warm_up_vision(
 
 @torch.no_grad()
 def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, prompt, with_queries=True,
-                     batch_size=32) -> dict:
-    """Patch F1 and (with_queries) change accuracy and cell micro-F1 of the probes on held-out pairs, in eval mode."""
+                     position_probe=None, batch_size=32) -> dict:
+    """Patch F1, (with_queries) change accuracy and cell micro-F1, (with position_probe) position accuracy of the
+    probes on held-out pairs, in eval mode."""
     was_training = model.training
     model.eval()
     patch_hits = patch_total = cell_hits = cell_total = changes_right = changes_known = 0
+    positions_right = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         inputs = processor(images=[(before, after) for before, after, _ in batch], text=[prompt] * len(batch))
@@ -318,6 +365,8 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         targets = patch_targets([mask for _, _, mask in batch], grid).bool()
         patch_hits += (predicted & targets).sum().item()
         patch_total += predicted.sum().item() + targets.sum().item()
+        if position_probe is not None:
+            positions_right.append(position_probe.accuracy(features.vision_outputs.pair_embeds) * len(batch))
         logits = fact_probe(features.query_output)
         wanted = fact_targets([facts[os.path.realpath(before)] for before, _, _ in batch])
         known = ~torch.isnan(wanted["changed"])
@@ -329,10 +378,12 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         cell_total += cells.sum().item() + cell_targets.sum().item()
     model.train(was_training)
     scores = {"val_patch_f1": round(2 * patch_hits / max(1, patch_total), 3)}
+    if position_probe is not None:
+        scores["val_position_accuracy"] = round(sum(positions_right) / len(pairs), 3)
     if with_queries:
         scores["val_change_accuracy"] = round(changes_right / max(1, changes_known), 3)
         scores["val_cell_f1"] = round(2 * cell_hits / max(1, cell_total), 3)
     return scores
 
 
-__all__ = ["ChangeProbe", "FactProbe", "change_pairs", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]
+__all__ = ["ChangeProbe", "FactProbe", "PositionProbe", "change_pairs", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]

@@ -10,7 +10,9 @@ from PIL import Image
 
 from processing.conversation import GRID_CELLS
 from train.synthetic import touched_cells, write_dataset
-from train.vision_warmup import BUILDING, COUNT_CLASSES, ROAD, change_pairs, fact_targets, pair_facts, warm_up_vision
+from train.vision_warmup import (
+    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, fact_targets, pair_facts, warm_up_vision,
+)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +121,9 @@ def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tin
     (plain, plain_history), (scored, scored_history) = runs
     assert scored.training  # scoring switches to eval mode and back
     # the query probe's scores appear once it trains (the Q-Former phase), the patch probe's throughout
-    assert [set(entry) & {"val_patch_f1", "val_change_accuracy", "val_cell_f1"} for entry in scored_history] == [
-        {"val_patch_f1"}, {"val_patch_f1", "val_change_accuracy", "val_cell_f1"}
+    vision_scores = {"val_patch_f1", "val_position_accuracy"}
+    assert [set(entry) & (vision_scores | {"val_change_accuracy", "val_cell_f1"}) for entry in scored_history] == [
+        vision_scores, vision_scores | {"val_change_accuracy", "val_cell_f1"}
     ]
     for entry in scored_history:
         assert all(0.0 <= value <= 1.0 for key, value in entry.items() if key.startswith("val_"))
@@ -175,3 +178,53 @@ def test_cell_positive_weight_scales_only_the_changed_cells():
     # at logit 0 each cell's term is log 2; a positive weighted by w counts w times: (2*4 + 16) / 18 vs 18 / 18
     gap = fact_loss(logits, two_cells, 4.0) - fact_loss(logits, two_cells, 1.0)
     assert gap.item() == pytest.approx(np.log(2) * (2 * 4 + 16 - 18) / 18, rel=1e-5)
+
+
+def _trained_position_probe(pair_embeds, grid, steps=150):
+    probe = PositionProbe(pair_embeds.shape[-1], grid)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=3e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        probe.loss(pair_embeds).backward()
+        optimizer.step()
+    return probe
+
+
+def test_position_probe_reads_position_only_where_the_features_carry_it():
+    torch.manual_seed(0)
+    grid, width, batch = 4, 16, 8
+    tokens = 1 + grid * grid  # CLS + patches, per image
+    noise = 0.1 * torch.randn(batch, 2 * tokens, width)
+    per_position = torch.randn(1, tokens, width).repeat(1, 2, 1)  # the same code at a position in A and B
+    located = _trained_position_probe(per_position + noise, grid)
+    assert located.accuracy(per_position + noise) > 0.95
+    same_everywhere = torch.randn(1, 1, width).expand(1, 2 * tokens, width)  # features that say nothing of where
+    lost = _trained_position_probe(same_everywhere + noise, grid)
+    assert lost.accuracy(same_everywhere + noise) < 0.3  # chance: 1 / 16 for row and column together
+    rows, columns = located(per_position + noise)
+    assert rows.shape == columns.shape == (batch, 2, grid * grid, grid)
+
+
+def test_position_weight_adds_the_position_term_to_the_mask_phase(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    validation = pair_facts(synthetic / "annotations" / "changechat_val.json", synthetic / "images")
+    runs = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log_every=1,
+                                 log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic),
+                                 validation_facts=validation, validation_pairs=3, position_weight=weight)
+        runs[weight] = (model.state_dict(), history)
+    (off, off_history), (on, on_history) = runs[0.0], runs[1.0]
+    assert not any("val_position_accuracy" in entry for entry in off_history)
+    assert all(0.0 <= entry["val_position_accuracy"] <= 1.0 for entry in on_history)
+    # the first step's loss gains the position term, and the ViT is trained differently
+    assert on_history[0]["loss"] > off_history[0]["loss"]
+    assert any(not torch.equal(off[k], on[k]) for k in off if k.startswith("vision_model."))
+    with pytest.raises(ValueError, match="position_weight"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=1, position_weight=-1.0)
