@@ -143,8 +143,8 @@ def run(args) -> int:
         missing = " and ".join(name for name, value in (("--before", args.before), ("--after", args.after)) if not value)
         raise PredictError(f"{missing} missing: a dialogue is about a pair of images")
     bands = parse_bands(args.bands)
-    settings = generation_settings(args)
     model_path = resolve_model(args.model)
+    settings = generation_settings(args, model_path)
     images = read_pair(args.before, args.after, bands)  # before the model load: a bad path fails in a second
     quiet_transformers()
     model, processor = load_model(model_path, args.device)

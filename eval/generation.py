@@ -31,7 +31,8 @@ PROMPT_FORMATS = ("deltavlm", "plain")
 
 @dataclass
 class GenerationSettings:
-    """Decoding settings. Defaults are the authors' evaluation settings (DESIGN.md §1)."""
+    """Decoding settings. Defaults are the authors' evaluation settings (DESIGN.md §1); the commands start from
+    the model's own (`for_model`)."""
 
     num_beams: int = 5  # 1 = greedy
     max_new_tokens: int = 256
@@ -54,18 +55,38 @@ class GenerationSettings:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
+    @classmethod
+    def for_model(cls, generation_config: GenerationConfig | None, **flags) -> "GenerationSettings":
+        """The settings a command uses, field by field: the flag if given (not None); else the value the model's
+        `generation_config` sets (see `model_generation_config`); else the authors' setting (the class default).
+
+        DeltaVLM-Nano's generation_config sets greedy decoding, no repetition penalty and 48 new tokens; the
+        converted paper checkpoint's sets the authors' beam search, so `model.generate(**inputs)` in user code
+        decodes each model as its commands do.
+        """
+        values = {}
+        if generation_config is not None:
+            for key in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty"):
+                if getattr(generation_config, key, None) is not None:
+                    values[key] = getattr(generation_config, key)
+        values.update({key: value for key, value in flags.items() if value is not None})
+        return cls(**values)
+
     def describe(self) -> dict:
         """The settings as written into metrics.json and the Markdown header."""
         decoding = "greedy" if self.num_beams == 1 else f"beam search ({self.num_beams} beams)"
         return {"decoding": decoding, **asdict(self)}
 
     def generate_kwargs(self, tokenizer, prompt_length: int) -> dict:
-        """Keyword arguments for `model.generate`, from a fresh GenerationConfig so that nothing in a saved
-        model's generation_config.json (sampling, max_length, ...) changes what is stated in the output."""
+        """Keyword arguments for `model.generate`. Every field these settings control is set explicitly:
+        transformers fills the fields a passed GenerationConfig leaves unset (None) from the model's
+        generation_config.json, and a model's repetition_penalty would otherwise come back on top of ours."""
         config = dict(
             max_new_tokens=self.max_new_tokens,
             num_beams=self.num_beams,
             do_sample=False,
+            # the penalty, if any, is applied below (so that it can skip the prompt) or set here
+            repetition_penalty=1.0,
             pad_token_id=tokenizer.pad_token_id,  # [PAD] (32000 for Vicuna), not 0: rows are left-padded
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
@@ -85,6 +106,14 @@ class GenerationSettings:
                 penalty = RepetitionPenaltyLogitsProcessor(self.repetition_penalty, prompt_ignore_length=prompt_length)
                 kwargs["logits_processor"] = LogitsProcessorList([penalty])
         return {"generation_config": GenerationConfig(**config), **kwargs}
+
+
+def model_generation_config(model: str) -> GenerationConfig | None:
+    """The generation_config.json of a model folder or Hub id, without loading the model; None if it has none."""
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from processing.conversation import TASK_PROMPTS
 
-from eval.generation import PROMPT_FORMATS, GenerationSettings, append_lines, read_lines
+from eval.generation import PROMPT_FORMATS, GenerationSettings, append_lines, model_generation_config, read_lines
 from eval.imagery import ImageryError, ImageryWarning, parse_bands, read_pair, tile_pair
 
 # --task names -> ChangeChat prompts; anything else is taken as a free prompt.
@@ -145,9 +145,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationSettings()
     parser.add_argument("--model", help="DeltaVLM model folder or Hub id (default: $DELTAVLM_HOME or ~/.cache/deltavlm/nano)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam width; 1 = greedy (default 5)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="answer length cap (default 256)")
-    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    # decoding: unless given, what the model's generation_config.json sets, else the authors' settings
+    parser.add_argument("--num-beams", type=int,
+                        help=f"beam width; 1 = greedy (default: the model's, else {defaults.num_beams})")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"answer length cap (default: the model's, else {defaults.max_new_tokens})")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help=f"(default: the model's, else {defaults.repetition_penalty})")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="deltavlm",
                         help="deltavlm: the training format (default); plain: the question verbatim")
     parser.add_argument("--static-cache", action="store_true",
@@ -156,9 +160,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bands", help="1-based bands to use as R,G,B for multi-band imagery, e.g. 3,2,1")
 
 
-def generation_settings(args) -> GenerationSettings:
+def generation_settings(args, model: str) -> GenerationSettings:
+    """The decoding flags given, else what `model`'s generation_config.json sets, else the authors' settings."""
     try:
-        return GenerationSettings(
+        return GenerationSettings.for_model(
+            model_generation_config(model),
             num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
             static_cache=getattr(args, "static_cache", False),
         )
@@ -216,9 +222,9 @@ def run(args) -> int:
     batch = args.pairs is not None or args.list is not None
     _check_arguments(args, batch)
     bands = parse_bands(args.bands)
-    settings = generation_settings(args)
     prompt = task_prompt(args.task)
     model_path = resolve_model(args.model)
+    settings = generation_settings(args, model_path)
     if not batch:
         # read the pair before loading the model: a wrong path fails in a second, not after a model load
         before, after = read_pair(args.before, args.after, bands)

@@ -48,6 +48,7 @@ from eval.generation import (
     append_lines,
     generate_batch,
     line_key,
+    model_generation_config,
     read_lines,
     write_atomic,
 )
@@ -96,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-format", default="deltavlm", choices=PROMPT_FORMATS,
                         help="deltavlm: the released checkpoint's training format (default); plain: the "
                         "question verbatim, as the authors' evaluation scripts fed it")
-    generation = parser.add_argument_group("generation (defaults: the authors' evaluation settings)")
-    generation.add_argument("--num-beams", type=int, default=defaults.num_beams, help="1 = greedy")
-    generation.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    generation.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    generation.add_argument("--length-penalty", type=float, default=defaults.length_penalty)
+    generation = parser.add_argument_group(
+        "generation (defaults: what the model's generation_config.json sets, else the authors' evaluation settings)")
+    generation.add_argument("--num-beams", type=int, help=f"1 = greedy (authors: {defaults.num_beams})")
+    generation.add_argument("--max-new-tokens", type=int, help=f"(authors: {defaults.max_new_tokens})")
+    generation.add_argument("--repetition-penalty", type=float, help=f"(authors: {defaults.repetition_penalty})")
+    generation.add_argument("--length-penalty", type=float, help=f"(authors: {defaults.length_penalty})")
     generation.add_argument("--min-length", type=int, default=defaults.min_length,
                             help="as transformers 4.33 counted it for the authors: 1 = no minimum")
     generation.add_argument("--penalize-prompt", action="store_true",
@@ -120,15 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> GenerationSettings:
-    return GenerationSettings(
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        repetition_penalty=args.repetition_penalty,
-        length_penalty=args.length_penalty,
-        min_length=args.min_length,
-        penalize_prompt=args.penalize_prompt,
-        static_cache=args.static_cache,
-    )
+    """The flags given, else the model's generation_config.json, else the authors' settings."""
+    try:
+        return GenerationSettings.for_model(
+            model_generation_config(args.model),
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            repetition_penalty=args.repetition_penalty,
+            length_penalty=args.length_penalty,
+            min_length=args.min_length,
+            penalize_prompt=args.penalize_prompt,
+            static_cache=args.static_cache,
+        )
+    except ValueError as error:
+        raise EvalError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +433,8 @@ def prepare_out_dir(out: Path, run_config: dict, overwrite: bool, state: Partial
 def evaluate(args, state: PartialState) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise EvalError("--batch-size and --limit must be positive")
-    settings = settings_from_args(args)
     check_model_folder(args.model)
+    settings = settings_from_args(args)
     image_root = resolve_image_root(args.data, args.image_root)
     records, sources = load_eval_records(args.data, image_root, args.task, args.split, args.limit)
     check_images(records)

@@ -222,9 +222,9 @@ def run(args) -> int:
         raise PredictError(f"--examples {args.examples}: expected subfolders A/ (before) and B/ (after)")
     if args.max_upload_mb <= 0:
         raise PredictError("--max-upload-mb must be positive")
-    settings = generation_settings(args)
     bands = parse_bands(args.bands)
     model_path = resolve_model(args.model)
+    settings = generation_settings(args, model_path)
     try:
         import gradio  # noqa: F401
     except ImportError:

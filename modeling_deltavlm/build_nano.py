@@ -174,6 +174,9 @@ def build_nano(seed: int = 0, **config_overrides):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    # Nano's decoding, read by `model.generate` and the commands: greedy and no repetition penalty (a cell list
+    # repeats its tokens by design; the authors' 1.5 garbled Nano's), answers of at most 48 tokens
+    model.generation_config.update(num_beams=1, repetition_penalty=1.0, max_new_tokens=48)
     return model, processor
 
 

@@ -751,6 +751,8 @@ def convert_original_checkpoint(
     state_dict = {key: tensor.to(torch_dtype) if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
     model.load_state_dict(state_dict, strict=not no_llm, assign=True)
     model.config.dtype = torch_dtype
+    # the authors' decoding (DESIGN.md §1), so that `model.generate(**inputs)` and the commands' defaults reproduce it
+    model.generation_config.update(num_beams=5, max_new_tokens=256, repetition_penalty=1.5)
 
     # step 4: write next to `out`, then move into place
     sources = {"checkpoint": _describe_file(checkpoint), "vision": _describe_file(vision)}

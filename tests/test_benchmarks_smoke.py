@@ -131,3 +131,21 @@ def test_warmup_ablation(tmp_path):
         assert all(0.0 <= entry["val_patch_f1"] <= 1.0 for entry in history)
         assert 0.0 <= history[1]["val_cell_f1"] <= 1.0 and "val_cell_f1" not in history[0]
     assert "CSRM / concat." in markdown
+
+
+@pytest.mark.slow
+def test_position_probe_benchmark(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_position_probe.py"), "--pairs", "30", "--steps", "2",
+               "--vision-steps", "1", "--validation-pairs", "3", "--probe-pairs", "4", "--data", str(tmp_path / "data"),
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "position_probe")
+    assert set(payload["results"]) == {"position_weight=0", "position_weight=1"}
+    for name, result in payload["results"].items():
+        assert 0.0 <= result["position_accuracy"] <= 1.0
+        assert [entry["phase"] for entry in result["history"]] == ["vision", "qformer"]
+        # the warm-up logs the position probe's own held-out score only when it trains one
+        assert ("val_position_accuracy" in result["history"][0]) == (name == "position_weight=1")
+    assert "position readable" in markdown and "position_weight 1 (default)" in markdown

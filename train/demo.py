@@ -167,12 +167,12 @@ def run_demo(args) -> dict:
     eval_dir = out / "eval"
     code = eval_main([
         "--model", str(model_dir), "--data", str(data_dir / "annotations"), "--image-root", str(data_dir / "images"),
-        "--task", "all", "--limit", str(eval_limit), "--num-beams", "1", "--max-new-tokens", "48",
-        # No repetition penalty (the authors' 1.5 is for their 7B captions): a cell list repeats its tokens by
-        # design, and at 1.5 Nano garbled them ('center-' and '/bottom'); measured on the 60-minute run's
-        # model, localization micro-F1 went from 20.9 / 11.8 to 27.7 / 34.3 (roads / buildings, 200 test records).
+        "--task", "all", "--limit", str(eval_limit),
+        # The decoding is Nano's own, from its generation_config.json (build_nano): greedy, 48 new tokens, no
+        # repetition penalty. The authors' 1.5 is for their 7B captions; a cell list repeats its tokens by design,
+        # and at 1.5 Nano garbled them ('center-' and '/bottom'): on the 60-minute run's model, localization
+        # micro-F1 went from 20.9 / 11.8 to 27.7 / 34.3 without it (roads / buildings, 200 test records).
         # The curve probe and the answers below decode the same way.
-        "--repetition-penalty", "1.0",
         "--no-meteor", "--batch-size", "16", "--out", str(eval_dir),
     ])
     if code:
@@ -247,8 +247,9 @@ Held-out synthetic test split, greedy decoding without repetition penalty, next 
 
 {results_table}
 
-Decode it the same way: `deltavlm predict --num-beams 1 --repetition-penalty 1.0 ...` (the commands' defaults
-are the paper's settings for its 7B model; the repetition penalty garbles Nano's cell lists).
+Its `generation_config.json` holds that decoding (greedy, at most 48 new tokens, no repetition penalty: the
+paper's penalty of 1.5 garbles Nano's cell lists), so `model.generate(**inputs)` and `deltavlm predict` / `eval` /
+`chat` / `serve` use it unless told otherwise.
 """
     config = AutoConfig.from_pretrained(model_dir)
     return default_model_card(

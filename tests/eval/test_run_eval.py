@@ -260,3 +260,65 @@ def test_static_cache_gives_the_same_predictions(task, beams, model_dir, data_di
     assert [line["prediction"] for line in static] == [line["prediction"] for line in dynamic]
     metrics = json.loads((tmp_path / "static" / "metrics.json").read_text())
     assert metrics["generation"]["static_cache"] is True
+
+
+def test_decoding_comes_from_the_flags_then_the_model_then_the_authors(tmp_path):
+    from transformers import GenerationConfig
+
+    from eval.generation import model_generation_config
+
+    def fields(settings):
+        return settings.num_beams, settings.max_new_tokens, settings.repetition_penalty, settings.length_penalty
+
+    authors = fields(GenerationSettings())
+    assert fields(GenerationSettings.for_model(None)) == authors  # no generation_config.json
+    assert fields(GenerationSettings.for_model(GenerationConfig(bos_token_id=1))) == authors  # states no decoding
+    nano_like = GenerationConfig(num_beams=1, repetition_penalty=1.0, max_new_tokens=48)
+    assert fields(GenerationSettings.for_model(nano_like)) == (1, 48, 1.0, 1.0)
+    assert fields(GenerationSettings.for_model(nano_like, num_beams=3, repetition_penalty=None)) == (3, 48, 1.0, 1.0)
+    assert model_generation_config(str(tmp_path)) is None
+    nano_like.save_pretrained(tmp_path)
+    assert model_generation_config(str(tmp_path)).max_new_tokens == 48
+
+
+def test_eval_decodes_as_the_models_generation_config_says(tiny_model_dir, data_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    GenerationConfig(num_beams=1, repetition_penalty=1.0, max_new_tokens=3).save_pretrained(model)
+    common = ["--model", str(model), "--data", str(data_dir / "changechat_test_binary.json"), "--image-root",
+              str(SAMPLE_IMAGES), "--limit", "1", "--no-meteor"]
+    assert main([*common, "--out", str(tmp_path / "from_model")]) == 0
+    generation = json.loads((tmp_path / "from_model" / "metrics.json").read_text())["generation"]
+    assert (generation["decoding"], generation["max_new_tokens"], generation["repetition_penalty"]) == ("greedy", 3, 1.0)
+    assert main([*common, "--out", str(tmp_path / "flagged"), "--num-beams", "2", "--repetition-penalty", "1.2"]) == 0
+    generation = json.loads((tmp_path / "flagged" / "metrics.json").read_text())["generation"]
+    assert (generation["decoding"], generation["max_new_tokens"], generation["repetition_penalty"]) == (
+        "beam search (2 beams)", 3, 1.2)
+    assert main([*common, "--out", str(tmp_path / "bad"), "--num-beams", "0"]) == 2  # a clear error, no traceback
+
+
+def test_a_models_repetition_penalty_does_not_leak_into_other_settings(tiny_model, tiny_processor, sample_pairs):
+    """transformers fills unset fields of a passed GenerationConfig from the model's: ours must set them all."""
+    import torch
+
+    before, after = sample_pairs[0]
+    inputs = tiny_processor(images=[(before, after)], text=[tiny_processor.apply_chat_template(
+        [{"role": "user", "content": TASK_PROMPTS["caption"]}])], return_tensors="pt")
+    greedy = GenerationSettings(num_beams=1, max_new_tokens=8, repetition_penalty=1.0)
+    kwargs = greedy.generate_kwargs(tiny_processor.tokenizer, inputs["input_ids"].shape[1])
+    saved = tiny_model.generation_config.repetition_penalty
+    with torch.no_grad():
+        plain = tiny_model.generate(**inputs, **kwargs)
+        tiny_model.generation_config.repetition_penalty = 0.001  # < 1: seen tokens win, a sure change
+        try:
+            leaked = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=1,
+                                         pad_token_id=tiny_processor.tokenizer.pad_token_id)
+            ours = tiny_model.generate(**inputs, **kwargs)
+        finally:
+            tiny_model.generation_config.repetition_penalty = saved
+    assert not torch.equal(plain, leaked)  # the model's penalty changes an answer it is allowed to reach
+    assert torch.equal(plain, ours)

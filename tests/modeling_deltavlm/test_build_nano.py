@@ -15,6 +15,9 @@ def test_nano_builds_from_pretrained_parts_and_keeps_minilm_text_path(sample_pai
     counts = model.set_trainable_as_paper()
     assert counts["vision_embeddings"] > 0  # the ViT is trained from scratch, embeddings included
     assert not any(p.requires_grad for p in model.language_model.parameters())
+    # Nano's own decoding (greedy, no penalty, 48 tokens) is what its generation_config states
+    generation = model.generation_config
+    assert (generation.num_beams, generation.repetition_penalty, generation.max_new_tokens) == (1, 1.0, 48)
     # the Q-Former's text path (no queries, no cross-attention) computes MiniLM's BertModel output
     from transformers import BertModel
 

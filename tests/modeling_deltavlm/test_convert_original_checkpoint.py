@@ -103,6 +103,9 @@ def test_convert_writes_a_complete_folder(converted, converted_model, inputs):
     config = json.loads((converted / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_deltavlm.DeltaVLMForConditionalGeneration"
     assert isinstance(converted_model, DeltaVLMForConditionalGeneration)
+    # the authors' decoding travels with the weights: model.generate and the commands' defaults reproduce it
+    generation = json.loads((converted / "generation_config.json").read_text())
+    assert (generation["num_beams"], generation["max_new_tokens"], generation["repetition_penalty"]) == (5, 256, 1.5)
     # no staging folder left beside the output
     assert [p.name for p in converted.parent.iterdir()] == [converted.name]
     card = (converted / "README.md").read_text()

@@ -71,9 +71,11 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == 2 and all(set(a) == {"caption", "binary", "count", "localization"} for a in answers.values())
     assert (out / "curve.png").is_file()
-    # the evaluation decodes as the curve probe and the answers do: greedy, no repetition penalty
+    # the evaluation decodes as the curve probe and the answers do, from Nano's own generation_config.json
     generation = json.loads((out / "eval" / "metrics.json").read_text())["generation"]
-    assert generation["num_beams"] == 1 and generation["repetition_penalty"] == 1.0
+    assert (generation["num_beams"], generation["repetition_penalty"], generation["max_new_tokens"]) == (1, 1.0, 48)
+    saved = json.loads((tmp_path / "home" / "generation_config.json").read_text())
+    assert (saved["num_beams"], saved["repetition_penalty"], saved["max_new_tokens"]) == (1, 1.0, 48)
     # the warm-up ran its two phases: masks first, then the Q-Former on the facts
     phases = [entry["phase"] for entry in json.loads((out / "warmup.json").read_text())]
     assert phases[0] == "vision" and phases[-1] == "qformer"
