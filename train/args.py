@@ -73,6 +73,12 @@ class DataArguments:
     captions_per_pair: Literal["all", "first"] = field(
         default="all", metadata={"help": "caption records: one sample per reference caption, or the first only"}
     )
+    task_weights: dict | str | None = field(
+        default=None,
+        metadata={"help": "per-task sampling weights, e.g. {localization: 3, binary: 0.5} in YAML or "
+                  "'{\"localization\": 3}' on the command line: a sample of a task weighted w appears floor(w) "
+                  "times, plus once more with probability w - floor(w); unnamed tasks keep weight 1"},
+    )
     augment: Literal["none", "crop", "geometric"] = field(
         default="none",
         metadata={"help": "paired augmentation (same transform on A and B): crop, or crop + flips/rot90"},

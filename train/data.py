@@ -14,12 +14,16 @@ nothing to build.
   processor's `prompt_format="plain"` renders at inference.
 """
 
+import json
 import logging
+import math
 import warnings
+from collections import Counter
 
 import datasets
+import numpy as np
 
-from processing.changechat_data import load_records, missing_images
+from processing.changechat_data import TASKS, load_records, missing_images
 from processing.conversation import MAX_PROMPT_WORDS, TASK_PROMPTS, expand_rounds, normalize_text
 
 logger = logging.getLogger(__name__)
@@ -153,6 +157,58 @@ def records_to_samples(records: datasets.Dataset, template: str = "deltavlm", ca
     return samples.map(lambda _, i: {"index": i}, with_indices=True, features=SAMPLE_FEATURES)
 
 
+def parse_task_weights(value) -> dict[str, float] | None:
+    """`data.task_weights` (a mapping, a JSON string of one, or None) -> {task: weight}, checked."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"data.task_weights: not a JSON mapping ({error}): {value!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"data.task_weights must map task names to weights, got {value!r}")
+    weights = {}
+    for task, weight in value.items():
+        if task not in TASKS:
+            raise ValueError(f"data.task_weights: unknown task {task!r}; tasks are {list(TASKS)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"data.task_weights[{task!r}] must be a number >= 0, got {weight!r}")
+        weights[task] = float(weight)
+    return weights
+
+
+def weigh_tasks(samples: datasets.Dataset, task_weights: dict[str, float] | None, seed: int = 0) -> datasets.Dataset:
+    """Resample training samples by task. A sample of a task weighted w is kept floor(w) times, plus once more with
+    probability w - floor(w) (one draw per sample from `seed`, so the mix is fixed for a run and its resumption);
+    tasks not named keep weight 1. Repeats sit next to the original (the Trainer's sampler shuffles) and get their
+    own `index`, so the augmentation treats them as different samples.
+
+    Why: a data set's task mix is not what a short run needs. ChangeChat-style data asks two binary questions a pair
+    and one localization question, and binary accuracy saturates long before localization starts to learn.
+    """
+    weights = parse_task_weights(task_weights)
+    if not weights:
+        return samples
+    rng = np.random.default_rng(seed)
+    tasks = samples["task"]
+    draws = rng.random(len(tasks))
+    keep = []
+    for row, (task, draw) in enumerate(zip(tasks, draws)):
+        weight = weights.get(task, 1.0)
+        keep.extend([row] * (int(weight) + (draw < weight - int(weight))))
+    if not keep:
+        raise ValueError(f"data.task_weights {weights} leave no training sample (tasks present: {sorted(set(tasks))})")
+    weighted = samples.select(keep)
+    return weighted.map(lambda _, i: {"index": i}, with_indices=True, features=SAMPLE_FEATURES)
+
+
+def task_mix(samples: datasets.Dataset) -> str:
+    """'binary 40 (33%), caption 20 (17%), ...': the share of each task among the samples, largest first."""
+    counts = Counter(samples["task"])
+    return ", ".join(f"{task} {n} ({100 * n / len(samples):.0f}%)" for task, n in counts.most_common())
+
+
 def _levircc_root(data_args) -> str:
     root = data_args.levircc_image_root or data_args.image_root
     if root is None:
@@ -165,8 +221,11 @@ __all__ = [
     "caption_prompt",
     "check_answers",
     "check_images",
+    "parse_task_weights",
     "load_train_records",
     "load_val_records",
     "records_to_samples",
     "render_sample",
+    "task_mix",
+    "weigh_tasks",
 ]

@@ -17,7 +17,15 @@ from transformers import EarlyStoppingCallback, set_seed
 
 from .args import SECTIONS, parse_args
 from .collator import EpochCallback, TrainCollator
-from .data import caption_prompt, load_train_records, load_val_records, records_to_samples
+from .data import (
+    caption_prompt,
+    load_train_records,
+    load_val_records,
+    parse_task_weights,
+    records_to_samples,
+    task_mix,
+    weigh_tasks,
+)
 from .export import export_model
 from .model import (
     DTYPES,
@@ -42,6 +50,7 @@ def main(argv=None, callbacks=()) -> int:
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
+    data_args.task_weights = parse_task_weights(data_args.task_weights)  # a typo'd task name fails before any loading
     training_args.resume_from_checkpoint = complete_checkpoint(training_args.resume_from_checkpoint,
                                                                training_args.output_dir)
     if export_args.reference_language_model and (model_args.lora or model_args.qlora) and export_args.merge_lora:
@@ -50,9 +59,11 @@ def main(argv=None, callbacks=()) -> int:
     # data first: a bad annotation file or a missing image must not wait for a 7B model to load
     train_records = load_train_records(data_args)
     train_samples = records_to_samples(train_records, data_args.template, data_args.captions_per_pair)
+    train_samples = weigh_tasks(train_samples, data_args.task_weights, seed=training_args.seed)
     val_records = load_val_records(data_args)
     logger.info("%d training samples from %d records; %s validation pairs", len(train_samples), len(train_records),
                 len(val_records) if val_records is not None else "no")
+    logger.info("training mix: %s", task_mix(train_samples))
     if val_records is None and training_args.eval_strategy != "no":
         raise ValueError(f"training.eval_strategy={training_args.eval_strategy.value!r} needs a validation split (data.val_split)")
 

@@ -189,3 +189,62 @@ def test_collator_builds_the_training_layout(tmp_path, shared_dir, tiny_processo
     assert not torch.equal(first, augmented(samples)["pixel_values"])  # a new epoch, new crops
     augmented.epoch = 0
     assert torch.equal(first, augmented(samples)["pixel_values"])
+
+
+# --- task weights ---
+
+def binary_record(i):
+    return {"id": f"b{i}", "image": ["train/A/train_000016.png", "train/B/train_000016.png"],
+            "conversations": [{"from": "human", "value": BINARY}, {"from": "gpt", "value": "Yes."}]}
+
+
+def localization_record(i):
+    question = "<image> <image> " + TASK_PROMPTS["localization"]
+    return {"id": f"l{i}", "image": ["train/A/train_000016.png", "train/B/train_000016.png"],
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "top left"}]}
+
+
+def test_task_weights_repeat_and_thin_tasks(tmp_path, shared_dir):
+    from train.data import task_mix, weigh_tasks
+
+    samples = samples_of(tmp_path, [binary_record(i) for i in range(200)] + [localization_record(i) for i in range(10)])
+    weighted = weigh_tasks(samples, {"localization": 3, "binary": 0.5}, seed=0)
+    tasks = weighted["task"]
+    assert tasks.count("localization") == 30
+    assert sorted(set(weighted.filter(lambda r: r["task"] == "localization")["id"])) == sorted(f"l{i}" for i in range(10))
+    assert 70 <= tasks.count("binary") <= 130  # Bernoulli(0.5) per sample: 100 expected
+    assert weighted["index"] == list(range(len(weighted)))  # repeats get their own augmentation seed
+    # the draw is fixed by the seed (a resumed run sees the same mix), different seeds thin differently
+    assert weigh_tasks(samples, {"binary": 0.5}, seed=0)["id"] == weigh_tasks(samples, {"binary": 0.5}, seed=0)["id"]
+    assert weigh_tasks(samples, {"binary": 0.5}, seed=0)["id"] != weigh_tasks(samples, {"binary": 0.5}, seed=1)["id"]
+    assert weigh_tasks(samples, None)["id"] == samples["id"]
+    assert task_mix(weighted).startswith("binary ") and "localization 30" in task_mix(weighted)
+
+
+def test_task_weights_errors_name_the_fault(tmp_path, shared_dir):
+    from train.data import parse_task_weights, weigh_tasks
+
+    assert parse_task_weights('{"localization": 2, "count": 1.5}') == {"localization": 2.0, "count": 1.5}
+    with pytest.raises(ValueError, match="unknown task 'locallization'"):
+        parse_task_weights({"locallization": 2})
+    with pytest.raises(ValueError, match=r"task_weights\['binary'\] must be a number >= 0"):
+        parse_task_weights({"binary": -1})
+    with pytest.raises(ValueError, match="not a JSON mapping"):
+        parse_task_weights("localization=2")
+    samples = samples_of(tmp_path, [binary_record(0)])
+    with pytest.raises(ValueError, match="leave no training sample"):
+        weigh_tasks(samples, {"binary": 0})
+
+
+def test_task_weights_from_the_command_line_fail_before_loading(tmp_path, shared_dir):
+    """A typo'd task in an override is reported before the data or the (missing) model is touched."""
+    from train.run_train import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tmp_path / 'no-model-here'}}}\n"
+        f"data: {{train_files: [{tmp_path / 'missing.json'}], image_root: {IMAGES}, val_split: null}}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}, use_cpu: true}}\n"
+    )
+    with pytest.raises(ValueError, match="unknown task 'loc'"):
+        main(["--config", str(config), "--task_weights", '{"loc": 2}'])

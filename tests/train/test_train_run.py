@@ -205,22 +205,32 @@ def test_full_size_checkpoint_is_about_1gb():
 
 
 def test_resume_continues_bit_for_bit(workspace, tmp_path):
-    """Run 14 steps saving at 7 (43 samples / batch 4 = 11 steps an epoch, so the resumed part crosses an epoch),
-    then start a new run from checkpoint-7 (what an interrupted run leaves behind) and compare step 14. Dropout
-    and the paired augmentation draw random numbers, so this also checks the RNG state is restored."""
+    """Run 14 steps saving at 7, then start a new run from checkpoint-7 (what an interrupted run leaves behind) and
+    compare step 14. Dropout and the paired augmentation draw random numbers, so this also checks the RNG state is
+    restored; the task weights thin binary samples at random, so also that the resumed run trains on the same mix.
+    43 samples, count doubled (+6), binary thinned (-~3): ~46 samples / batch 4 = ~12 steps an epoch, so the
+    resumed part crosses an epoch."""
     common = {"max_steps": 14, "save_steps": 7, "learning_rate": 1e-3}
+    data = {"augment": "geometric", "task_weights": {"count": 2, "binary": 0.5}}
     straight = tmp_path / "straight"
-    run_main(write_config(tmp_path / "a.yaml", workspace, straight, training=common, data={"augment": "geometric"},
+    run_main(write_config(tmp_path / "a.yaml", workspace, straight, training=common, data=data,
                           model_folder=workspace["model"]))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     os.symlink(straight / "checkpoint-7", resumed / "checkpoint-7")
-    run_main(write_config(tmp_path / "b.yaml", workspace, resumed, training=common, data={"augment": "geometric"},
+    run_main(write_config(tmp_path / "b.yaml", workspace, resumed, training=common, data=data,
                           model_folder=workspace["model"]), "--resume")
     expected, actual = checkpoint_weights(straight / "checkpoint-14"), checkpoint_weights(resumed / "checkpoint-14")
     max_diff = max((expected[k] - actual[k]).abs().max().item() for k in expected)
     print(f"\nresume from step 7 vs uninterrupted, step 14: max |diff| = {max_diff}")
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    # the Trainer trained on the weighted set: its epoch length is the weighted sample count's
+    from train.data import weigh_tasks
+
+    num_samples = len(weigh_tasks(training_samples(workspace), data["task_weights"], seed=0))
+    assert num_samples != len(training_samples(workspace))
+    state = json.loads((resumed / "checkpoint-14" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(14 / -(-num_samples // 4))
 
 
 # --- 4: LoRA ---
