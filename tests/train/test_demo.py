@@ -79,3 +79,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     # the warm-up ran its two phases: masks first, then the Q-Former on the facts
     phases = [entry["phase"] for entry in json.loads((out / "warmup.json").read_text())]
     assert phases[0] == "vision" and phases[-1] == "qformer"
+    # the language stage trained on the demo's task mix, through the public config
+    from train.args import parse_args
+    from train.demo import NANO_TASK_WEIGHTS
+
+    data_args = parse_args(["--config", str(out / "train_config.yaml")])[1]
+    assert data_args.task_weights == NANO_TASK_WEIGHTS
