@@ -34,6 +34,17 @@ def dialogue(record_id="d0", pair=("train/A/train_000016.png", "train/B/train_00
         {"from": "human", "value": SUMMARY}, {"from": "gpt", "value": last_answer}]}
 
 
+def config_without_a_model(tmp_path, train_file) -> Path:
+    """A training config whose model path does not exist: whatever fails must fail before loading it."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model: {{model_name_or_path: {tmp_path / 'no-model-here'}}}\n"
+        f"data: {{train_files: [{train_file}], image_root: {IMAGES}, val_split: null}}\n"
+        f"training: {{output_dir: {tmp_path / 'out'}, use_cpu: true}}\n"
+    )
+    return config
+
+
 def samples_of(tmp_path, records, **overrides):
     from train.data import load_train_records, records_to_samples
 
@@ -123,12 +134,7 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, shared_dir):
     from train.run_train import main
 
     record = dialogue(pair=("train/A/missing.png", "train/B/missing.png"))
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"model: {{model_name_or_path: {tmp_path / 'no-model-here'}}}\n"
-        f"data: {{train_files: [{write_records(tmp_path / 'train.json', [record])}], image_root: {IMAGES}, val_split: null}}\n"
-        f"training: {{output_dir: {tmp_path / 'out'}, use_cpu: true}}\n"
-    )
+    config = config_without_a_model(tmp_path, write_records(tmp_path / "train.json", [record]))
     with pytest.raises(FileNotFoundError, match="missing.png"):
         main(["--config", str(config)])
 
@@ -240,11 +246,6 @@ def test_task_weights_from_the_command_line_fail_before_loading(tmp_path, shared
     """A typo'd task in an override is reported before the data or the (missing) model is touched."""
     from train.run_train import main
 
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"model: {{model_name_or_path: {tmp_path / 'no-model-here'}}}\n"
-        f"data: {{train_files: [{tmp_path / 'missing.json'}], image_root: {IMAGES}, val_split: null}}\n"
-        f"training: {{output_dir: {tmp_path / 'out'}, use_cpu: true}}\n"
-    )
+    config = config_without_a_model(tmp_path, tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown task 'loc'"):
         main(["--config", str(config), "--task_weights", '{"loc": 2}'])
