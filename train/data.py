@@ -184,8 +184,9 @@ def weigh_tasks(samples: datasets.Dataset, task_weights: dict[str, float] | None
     tasks not named keep weight 1. Repeats sit next to the original (the Trainer's sampler shuffles) and get their
     own `index`, so the augmentation treats them as different samples.
 
-    Why: a data set's task mix is not what a short run needs. ChangeChat-style data asks two binary questions a pair
-    and one localization question, and binary accuracy saturates long before localization starts to learn.
+    Why: a data set's task mix is not what every run needs. In ChangeChat-style data the binary and count questions
+    come back in the dialogues' rounds while localization is asked once a pair, and binary accuracy saturates long
+    before localization is learned.
     """
     weights = parse_task_weights(task_weights)
     if not weights:
@@ -221,9 +222,9 @@ __all__ = [
     "caption_prompt",
     "check_answers",
     "check_images",
-    "parse_task_weights",
     "load_train_records",
     "load_val_records",
+    "parse_task_weights",
     "records_to_samples",
     "render_sample",
     "task_mix",
