@@ -148,6 +148,25 @@ class FactProbe(nn.Module):
         return {"changed": changed.squeeze(-1), "roads": roads, "buildings": buildings, "cells": cells}
 
 
+class CellQueryProbe(nn.Module):
+    """Per-query logits (road changed, building changed) for one 3x3 cell each: query i reports GRID_CELLS[i].
+
+    One linear head shared by the first nine queries, so "changed here" is the same direction in each of them and
+    only the query's slot says where. The FactProbe reads all queries flattened, which lets the cells hide in any
+    mix of them; the language model then has to untangle that mix from a few hundred LoRA steps, and on the
+    60-minute demo's Nano it did not (greedy test answers never named a right-hand cell: 0 of 150 true ones).
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.classifier = nn.Linear(width, 2)
+
+    def forward(self, query_output: torch.Tensor) -> torch.Tensor:
+        """(B, Q, Hq) -> (B, 18): the nine cells for roads, then for buildings (the `cells` fact's order)"""
+        logits = self.classifier(query_output[:, : len(GRID_CELLS)])  # (B, 9, 2)
+        return logits.transpose(1, 2).flatten(1)
+
+
 def fact_targets(batch_facts: list[dict]) -> dict:
     """Tensors for FactProbe's loss; a fact a pair lacks is masked out (counts: -100, ignored by cross-entropy)."""
     changed = torch.tensor([f.get("changed", float("nan")) for f in batch_facts])
@@ -159,18 +178,22 @@ def fact_targets(batch_facts: list[dict]) -> dict:
     return {"changed": changed, **counts, "cells": cells}
 
 
+def cell_loss(cell_logits: torch.Tensor, cells: torch.Tensor, cell_positive_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of (B, 18) cell logits on the pairs that state their cells (the others are NaN)."""
+    known = ~torch.isnan(cells).any(dim=-1)  # a pair states all 18 cells or none
+    if not known.any():
+        return cell_logits.new_zeros(())
+    return nn.functional.binary_cross_entropy_with_logits(
+        cell_logits[known], cells[known], pos_weight=torch.full((18,), cell_positive_weight)
+    )
+
+
 def fact_loss(logits: dict, targets: dict, cell_positive_weight: float = 1.0) -> torch.Tensor:
     """Sum of the fact terms; `cell_positive_weight` > 1 weights the changed cells, the rare positives."""
-    loss = logits["changed"].new_zeros(())
-    for key in ("changed", "cells"):
-        known = ~torch.isnan(targets[key])
-        if key == "cells":
-            known = known.all(dim=-1)  # a pair states all 18 cells or none
-        if known.any():
-            weight = torch.full((18,), cell_positive_weight) if key == "cells" else None
-            loss = loss + nn.functional.binary_cross_entropy_with_logits(
-                logits[key][known], targets[key][known], pos_weight=weight
-            )
+    loss = cell_loss(logits["cells"], targets["cells"], cell_positive_weight)
+    known = ~torch.isnan(targets["changed"])
+    if known.any():
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(logits["changed"][known], targets["changed"][known])
     for key in ("roads", "buildings"):
         if (targets[key] >= 0).any():
             loss = loss + nn.functional.cross_entropy(logits[key], targets[key], ignore_index=-100)
@@ -202,6 +225,7 @@ def warm_up_vision(
     vision_steps: int | None = None,
     cell_positive_weight: float = 4.0,
     position_weight: float = 1.0,
+    cell_query_weight: float = 0.0,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -213,6 +237,9 @@ def warm_up_vision(
     the queries at the full rate. The changed cells are weighted by `cell_positive_weight` in the fact loss.
     The mask phase also trains a `PositionProbe` (weight `position_weight` in its loss; 0 switches it off) so the
     patches keep saying where they are: the Q-Former needs that to report which cells changed.
+    With `cell_query_weight` > 0 the Q-Former phase also trains a `CellQueryProbe`: query i must report cell i
+    (weight `cell_query_weight` on its loss), so each cell has its own slot among the tokens the language model
+    reads.
 
     Why two phases (`deltavlm demo` warm-ups on light-variation pairs, 2026-11-26, `warmup.json`): under one
     joint loss the fact terms (two 6-way count cross-entropies among them) dominate the clipped gradient the ViT
@@ -224,7 +251,7 @@ def warm_up_vision(
     With `validation_facts` (from `pair_facts` on the validation annotations; needs `facts`), every log step also
     scores the probes on up to `validation_pairs` held-out labelled pairs of the "val" split: patch F1, and from
     the queries change accuracy and micro-F1 of the 18 cells (entries `val_patch_f1`, `val_change_accuracy`,
-    `val_cell_f1`). The training-batch figures alone cannot tell learning from memorising. Entries also name
+    `val_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch figures alone cannot tell learning from memorising. Entries also name
     their `phase` ("vision" or "qformer").
     """
     pairs = change_pairs(data_dir)
@@ -234,8 +261,14 @@ def warm_up_vision(
     position_probe = PositionProbe(vision.hidden_size, grid)
     if position_weight < 0:
         raise ValueError(f"warm_up_vision: position_weight must be >= 0, got {position_weight}")
+    if cell_query_weight < 0:
+        raise ValueError(f"warm_up_vision: cell_query_weight must be >= 0, got {cell_query_weight}")
+    if cell_query_weight and model.config.num_query_tokens < len(GRID_CELLS):
+        raise ValueError(f"warm_up_vision: cell_query_weight needs at least {len(GRID_CELLS)} query tokens (one per "
+                         f"cell), the model has num_query_tokens={model.config.num_query_tokens}")
     vision_parameters = list(model.vision_model.parameters()) + list(model.difference_module.parameters())
     use_facts = bool(facts)
+    cell_query_probe = None  # built with the Q-Former phase's other probe
     if vision_steps is None:
         vision_steps = steps // 2 if use_facts else steps
     if not 0 <= vision_steps <= steps:
@@ -249,11 +282,14 @@ def warm_up_vision(
         if processor is None:
             raise ValueError("warm_up_vision: facts need the processor (the Q-Former's tokenizer)")
         fact_probe = FactProbe(model.config.num_query_tokens, model.config.qformer_config.hidden_size)
+        cell_query_probe = CellQueryProbe(model.config.qformer_config.hidden_size) if cell_query_weight else None
+        probe_parameters = list(fact_probe.parameters()) + (
+            list(cell_query_probe.parameters()) if cell_query_probe else [])
         fresh = [p for n, p in model.qformer.named_parameters() if "crossattention" in n]
         fresh_ids = {id(p) for p in fresh}
         pretrained = [p for p in model.qformer.parameters() if id(p) not in fresh_ids]
         qformer_groups = [
-            {"params": fresh + [model.query_tokens] + list(fact_probe.parameters())},
+            {"params": fresh + [model.query_tokens] + probe_parameters},
             {"params": pretrained, "lr": learning_rate / 10},
         ]
         qformer_parameters = [p for group in qformer_groups for p in group["params"]]
@@ -308,6 +344,9 @@ def warm_up_vision(
                 facts_logits = fact_probe(features.query_output)
                 batch_facts = fact_targets([facts.get(os.path.realpath(before), {}) for before, _, _ in batch])
                 loss = fact_loss(facts_logits, batch_facts, cell_positive_weight)
+                if cell_query_probe is not None:
+                    loss = loss + cell_query_weight * cell_loss(
+                        cell_query_probe(features.query_output), batch_facts["cells"], cell_positive_weight)
                 optimizer, schedule, parameters = qformer_optimizer, qformer_schedule, qformer_parameters
             optimizer.zero_grad()
             loss.backward()
@@ -332,7 +371,8 @@ def warm_up_vision(
                     scores = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts, grid,
                                               prompts[FACT_PROMPTS.index(TASK_PROMPTS["localization"])],
                                               with_queries=not vision_phase,
-                                              position_probe=position_probe if position_weight else None)
+                                              position_probe=position_probe if position_weight else None,
+                                              cell_query_probe=cell_query_probe)
                     entry.update(scores)
                     message += ", held out: " + ", ".join(f"{k[4:]} {v}" for k, v in scores.items())
                 entry.update(loss=round(loss.item(), 4), seconds=round(time.time() - started, 1))
@@ -347,12 +387,13 @@ def warm_up_vision(
 
 @torch.no_grad()
 def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, prompt, with_queries=True,
-                     position_probe=None, batch_size=32) -> dict:
-    """Patch F1, (with_queries) change accuracy and cell micro-F1, (with position_probe) position accuracy of the
-    probes on held-out pairs, in eval mode."""
+                     position_probe=None, cell_query_probe=None, batch_size=32) -> dict:
+    """Patch F1, (with_queries) change accuracy and cell micro-F1 (also per query, with cell_query_probe),
+    (with position_probe) position accuracy of the probes on held-out pairs, in eval mode."""
     was_training = model.training
     model.eval()
     patch_hits = patch_total = cell_hits = cell_total = changes_right = changes_known = 0
+    slot_hits = slot_total = 0
     positions_right = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -376,6 +417,10 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         cells, cell_targets = logits["cells"][rows] > 0, wanted["cells"][rows].bool()
         cell_hits += (cells & cell_targets).sum().item()
         cell_total += cells.sum().item() + cell_targets.sum().item()
+        if cell_query_probe is not None:
+            slots = cell_query_probe(features.query_output)[rows] > 0
+            slot_hits += (slots & cell_targets).sum().item()
+            slot_total += slots.sum().item() + cell_targets.sum().item()
     model.train(was_training)
     scores = {"val_patch_f1": round(2 * patch_hits / max(1, patch_total), 3)}
     if position_probe is not None:
@@ -383,7 +428,9 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     if with_queries:
         scores["val_change_accuracy"] = round(changes_right / max(1, changes_known), 3)
         scores["val_cell_f1"] = round(2 * cell_hits / max(1, cell_total), 3)
+        if cell_query_probe is not None:
+            scores["val_slot_cell_f1"] = round(2 * slot_hits / max(1, slot_total), 3)
     return scores
 
 
-__all__ = ["ChangeProbe", "FactProbe", "PositionProbe", "change_pairs", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]
+__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "PositionProbe", "change_pairs", "cell_loss", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]

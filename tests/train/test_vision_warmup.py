@@ -228,3 +228,54 @@ def test_position_weight_adds_the_position_term_to_the_mask_phase(synthetic, tin
     with pytest.raises(ValueError, match="position_weight"):
         warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
                        steps=1, position_weight=-1.0)
+
+
+def test_cell_query_probe_gives_each_cell_its_own_query():
+    from train.vision_warmup import CellQueryProbe, cell_loss
+
+    torch.manual_seed(0)
+    probe = CellQueryProbe(8)
+    queries = torch.randn(3, 12, 8)  # more queries than cells: the spare ones are not read
+    logits = probe(queries)
+    assert logits.shape == (3, 18)
+    # query i alone decides cell i, for roads (column i) and buildings (column 9 + i)
+    moved = queries.clone()
+    moved[:, 4] += 1.0
+    changed_columns = (probe(moved) != logits).any(dim=0).nonzero().flatten().tolist()
+    assert changed_columns == [4, 13]
+    moved = queries.clone()
+    moved[:, 9:] += 1.0
+    assert torch.equal(probe(moved), logits)
+    # pairs without cells (NaN) are left out of the loss; none known at all gives zero
+    cells = torch.tensor([[1.0] + [0.0] * 17, [float("nan")] * 18, [0.0] * 18])
+    assert cell_loss(logits, cells).item() == pytest.approx(cell_loss(logits[[0, 2]], cells[[0, 2]]).item())
+    assert cell_loss(logits, torch.full((3, 18), float("nan"))).item() == 0.0
+
+
+def test_cell_query_weight_trains_the_slot_probe_in_the_qformer_phase(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    validation = pair_facts(synthetic / "annotations" / "changechat_val.json", synthetic / "images")
+    runs = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config(num_query_tokens=9))
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=3, vision_steps=1,
+                                 batch_size=4, log_every=1, log=lambda _: None, processor=tiny_processor,
+                                 facts=_train_facts(synthetic), validation_facts=validation, validation_pairs=3,
+                                 cell_query_weight=weight)
+        runs[weight] = (model.state_dict(), history)
+    (off, off_history), (on, on_history) = runs[0.0], runs[1.0]
+    assert not any("val_slot_cell_f1" in entry for entry in off_history)
+    qformer_entries = [entry for entry in on_history if entry["phase"] == "qformer"]
+    assert qformer_entries and all(0.0 <= entry["val_slot_cell_f1"] <= 1.0 for entry in qformer_entries)
+    assert qformer_entries[0]["loss"] > [e for e in off_history if e["phase"] == "qformer"][0]["loss"]
+    assert any(not torch.equal(off[k], on[k]) for k in off if k.startswith("qformer.") or k == "query_tokens")
+    with pytest.raises(ValueError, match="cell_query_weight must be >= 0"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=1, cell_query_weight=-1.0)
+    with pytest.raises(ValueError, match="num_query_tokens=4"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config(num_query_tokens=4)),
+                       tiny_processor.image_processor, synthetic, steps=1, cell_query_weight=1.0)
