@@ -149,3 +149,43 @@ def test_position_probe_benchmark(tmp_path):
         # the warm-up logs the position probe's own held-out score only when it trains one
         assert ("val_position_accuracy" in result["history"][0]) == (name == "position_weight=1")
     assert "position readable" in markdown and "position_weight 1 (default)" in markdown
+
+
+def test_localization_reading_statistics():
+    from benchmarks.bench_localization_reading import answer_statistics
+
+    lines = [
+        {"prediction": "roads ['top-left'] buildings []",
+         "references": ["roads ['top-left', 'center-center'] buildings ['bottom-right']"]},
+        {"prediction": "roads ['top-left'] buildings []", "references": ["roads [] buildings []"]},
+        {"prediction": "no idea", "references": ["roads [] buildings ['top-left']"]},  # unparsed: names nothing
+    ]
+    stats = answer_statistics(lines)
+    assert stats["records"] == 3 and stats["distinct_answers"] == 2
+    assert stats["micro_f1"] == {"roads": round(2 * 1 / (2 + 2), 3), "buildings": 0.0}
+    assert stats["cells"]["roads"]["top-left"] == {"named": 2, "true": 1, "both": 1}
+    assert stats["cells"]["buildings"]["top-left"] == {"named": 0, "true": 1, "both": 0}
+
+
+def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
+    from train.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 30, seed=3)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_localization_reading.py"), "--model",
+               str(tiny_model_dir), "--data", str(data), "--limit", "3", "--probe-pairs", "6", "--probe-steps", "5",
+               "--threads", "1", "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "localization_reading")
+    for side in ("answers_held_out", "answers_training"):
+        assert payload[side]["records"] == 3
+        for cells in payload[side]["cells"].values():
+            assert all(counts["both"] <= min(counts["named"], counts["true"]) for counts in cells.values())
+    assert payload["probe_pairs"]["train"] == 6
+    assert 0.0 <= payload["probe"]["held_out_micro_f1"] <= 1.0
+    assert "Linear probe on the frozen queries" in markdown and "answers, training records" in markdown
+    # a folder that is not a data set is named in the error, before any model is loaded
+    bad = subprocess.run(command[:4] + ["--data", str(tmp_path / "nothing")], capture_output=True, text=True,
+                         cwd=REPO, timeout=300, check=False)
+    assert bad.returncode == 2 and "nothing" in bad.stderr and "deltavlm synth" in bad.stderr

@@ -279,3 +279,19 @@ def test_cell_query_weight_trains_the_slot_probe_in_the_qformer_phase(synthetic,
     with pytest.raises(ValueError, match="num_query_tokens=4"):
         warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config(num_query_tokens=4)),
                        tiny_processor.image_processor, synthetic, steps=1, cell_query_weight=1.0)
+
+
+def test_vision_learning_rate_sets_the_mask_phase_rate_only(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # rate 0 in the mask phase: the ViT and CSRM stay put, the Q-Former phase still trains at learning_rate
+    warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, vision_steps=1, batch_size=4,
+                   log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic), vision_learning_rate=0.0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vision_model.", "difference_module.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("qformer."))

@@ -1,0 +1,245 @@
+"""Where does a trained model lose the 3x3-grid localization: in what the queries carry, or in how the language
+model reads them?
+
+    python benchmarks/bench_localization_reading.py --model DIR --data DIR [--limit 200] [--probe-pairs 1500]
+        [--probe-steps 300] [--name localization_reading] [--out DIR] [--threads 2]
+
+`--data` is a synthetic data set (`deltavlm synth`, or a demo's `data/`): its annotations (the
+ChangeChat-105k layout) and its `images/` tree. Three measurements on one model:
+
+1. **answers, held out**: `deltavlm eval --task localization` on `--limit` test records, greedy, no repetition
+   penalty (Nano's decoding);
+2. **answers, training records**: the same on `--limit` single-turn localization records of the training file.
+   Equal scores on both say the language stage did not fit its own training answers (underfitting, not
+   overfitting);
+3. **what the queries carry**: a linear probe on the frozen Q-Former outputs (all queries flattened, the
+   localization prompt as the Q-Former's instruction) fitted on `--probe-pairs` training pairs' 18
+   (category, cell) facts and scored on the test pairs, overall and per cell. It bounds what a reader of the
+   queries could get from them without changing the encoder.
+
+Per cell it also counts how often the answers name the cell, how often it is true and how often both: a reader
+that ignores the image names the same few cells whatever the pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+CATEGORIES = ("roads", "buildings")
+# the evaluation's decoding for Nano (its generation_config.json), spelled out so that a model without one is
+# decoded the same way
+DECODING = ["--num-beams", "1", "--repetition-penalty", "1.0", "--max-new-tokens", "48"]
+
+
+def training_localization_records(annotations: Path, limit: int) -> list[dict]:
+    """The first `limit` single-turn records of changechat_train.json whose question is the localization prompt."""
+    from processing.conversation import task_of_question
+
+    records = json.loads((annotations / "changechat_train.json").read_text())
+    picked = [
+        record for record in records
+        if len(record["conversations"]) == 2 and task_of_question(record["conversations"][0]["value"]) == "localization"
+    ]
+    if not picked:
+        raise ValueError(f"no single-turn localization record in {annotations / 'changechat_train.json'}")
+    return picked[:limit]
+
+
+def answer(model: str, annotations: Path, image_root: Path, split: str, limit: int, out: Path) -> list[dict]:
+    """Greedy localization answers through `deltavlm eval`; returns its prediction lines."""
+    from eval.run_eval import main as eval_main
+
+    code = eval_main(["--model", model, "--data", str(annotations), "--image-root", str(image_root), "--split", split,
+                      "--task", "localization", "--limit", str(limit), "--no-meteor", "--batch-size", "16",
+                      *DECODING, "--out", str(out)])
+    if code:
+        raise RuntimeError(f"deltavlm eval failed on the {split} localization records (exit code {code})")
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
+
+
+def answer_statistics(lines: list[dict]) -> dict:
+    """Micro-F1 per category, distinct answers, and per cell: answers naming it, true, both."""
+    from eval.parsers import parse_localization
+    from processing.conversation import GRID_CELLS
+
+    named, true, both = Counter(), Counter(), Counter()
+    for line in lines:
+        predicted = parse_localization(line["prediction"]) or {category: [] for category in CATEGORIES}
+        reference = parse_localization(line["references"][0])
+        for category in CATEGORIES:
+            for cell in predicted[category]:
+                named[category, cell] += 1
+            for cell in reference[category]:
+                true[category, cell] += 1
+            for cell in set(predicted[category]) & set(reference[category]):
+                both[category, cell] += 1
+    f1 = {
+        category: _f1(sum(both[category, c] for c in GRID_CELLS), sum(named[category, c] for c in GRID_CELLS),
+                      sum(true[category, c] for c in GRID_CELLS))
+        for category in CATEGORIES
+    }
+    cells = {
+        category: {cell: {"named": named[category, cell], "true": true[category, cell], "both": both[category, cell]}
+                   for cell in GRID_CELLS}
+        for category in CATEGORIES
+    }
+    return {"records": len(lines), "micro_f1": f1, "distinct_answers": len({line["prediction"] for line in lines}),
+            "cells": cells}
+
+
+def _f1(hits: int, predicted: int, true: int) -> float:
+    return round(2 * hits / max(1, predicted + true), 3)
+
+
+@torch.no_grad()
+def query_features(model, processor, pairs: list[tuple[str, str]], batch_size: int = 32) -> torch.Tensor:
+    """(N, Q * Hq) Q-Former outputs for the pairs under the localization prompt."""
+    from processing.conversation import TASK_PROMPTS
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": TASK_PROMPTS["localization"]}])
+    features = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        inputs = processor(images=batch, text=[prompt] * len(batch))
+        output = model.get_image_features(
+            pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
+            qformer_attention_mask=inputs["qformer_attention_mask"],
+        )
+        features.append(output.query_output.flatten(1).float())
+    return torch.cat(features)
+
+
+def labelled_pairs(annotations: Path, image_root: Path, split: str, limit: int) -> tuple[list, torch.Tensor]:
+    """Up to `limit` (before, after) pairs of a split whose records state the cells, and their (N, 18) cells."""
+    from train.vision_warmup import pair_facts
+
+    facts = pair_facts(annotations / f"changechat_{split}.json", image_root)
+    pairs, cells = [], []
+    for before, pair in facts.items():
+        if "cells" in pair:
+            before = Path(before)  # images/<split>/A/NAME -> images/<split>/B/NAME
+            pairs.append((str(before), str(before.parent.parent / "B" / before.name)))
+            cells.append(pair["cells"])
+        if len(pairs) == limit:
+            break
+    if not pairs:
+        raise ValueError(f"no pair of {annotations / f'changechat_{split}.json'} states its changed cells")
+    return pairs, torch.tensor(cells)
+
+
+def probe_scores(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) -> dict:
+    """Fit a linear probe (standardised inputs, changed cells weighted 2x) and score micro-F1 and per-cell F1."""
+    from processing.conversation import GRID_CELLS
+
+    torch.manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    probe = torch.nn.Linear(train_x.shape[1], train_y.shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, weight_decay=1e-3)
+    weight = torch.full((train_y.shape[1],), 2.0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(probe(train_x), train_y, pos_weight=weight).backward()
+            optimizer.step()
+    scores = {}
+    for name, x, y in (("train", train_x, train_y), ("held_out", test_x, test_y)):
+        predicted, true = probe(x) > 0, y.bool()
+        scores[f"{name}_micro_f1"] = _f1((predicted & true).sum().item(), predicted.sum().item(), true.sum().item())
+    predicted, true = probe(test_x) > 0, test_y.bool()
+    scores["held_out_cell_f1"] = {
+        category: {cell: _f1((predicted[:, 9 * k + j] & true[:, 9 * k + j]).sum().item(),
+                             predicted[:, 9 * k + j].sum().item(), true[:, 9 * k + j].sum().item())
+                   for j, cell in enumerate(GRID_CELLS)}
+        for k, category in enumerate(CATEGORIES)
+    }
+    return scores
+
+
+def markdown(payload: dict) -> str:
+    from processing.conversation import GRID_CELLS
+
+    held_out, training, probe = payload["answers_held_out"], payload["answers_training"], payload["probe"]
+    rows = [
+        ["answers, held-out test records", held_out["records"], held_out["micro_f1"]["roads"],
+         held_out["micro_f1"]["buildings"], held_out["distinct_answers"]],
+        ["answers, training records", training["records"], training["micro_f1"]["roads"],
+         training["micro_f1"]["buildings"], training["distinct_answers"]],
+    ]
+    text = common.markdown_table(["localization", "records", "micro-F1 roads", "micro-F1 buildings",
+                                  "distinct answers"], rows)
+    text += (f"\n\nLinear probe on the frozen queries (all 18 cells): micro-F1 {probe['train_micro_f1']} on its "
+             f"{payload['probe_pairs']['train']} training pairs, **{probe['held_out_micro_f1']}** on "
+             f"{payload['probe_pairs']['held_out']} held-out test pairs.\n\n")
+    cell_rows = []
+    for category in CATEGORIES:
+        for cell in GRID_CELLS:
+            counts = held_out["cells"][category][cell]
+            cell_rows.append([category, cell, counts["named"], counts["true"], counts["both"],
+                              probe["held_out_cell_f1"][category][cell]])
+    text += common.markdown_table(["category", "cell", "answers naming it", "true", "both", "probe F1 (held out)"],
+                                  cell_rows)
+    return text + f"\n\nModel: `{payload['model']}`; data: `{payload['data']}`.\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a trained DeltaVLM folder (e.g. a demo's model/)")
+    parser.add_argument("--data", required=True, help="synthetic data folder (annotations/ and images/)")
+    parser.add_argument("--limit", type=int, default=200, help="localization records answered per split")
+    parser.add_argument("--probe-pairs", type=int, default=1500, help="training pairs the probe is fitted on")
+    parser.add_argument("--probe-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
+    parser.add_argument("--name", default="localization_reading", help="results file stem")
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    annotations, image_root = data / "annotations", data / "images"
+    for path in (annotations / "changechat_train.json", annotations / "changechat_test_loc.json", image_root):
+        if not path.exists():
+            parser.error(f"--data {data}: {path} not found (expected a synthetic data set: deltavlm synth --out DIR)")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there")
+    torch.set_num_threads(args.threads)
+    info = common.machine_info()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        held_out = answer(args.model, annotations, image_root, "test", args.limit, scratch / "test")
+        training_dir = scratch / "training_records"
+        training_dir.mkdir()
+        (training_dir / "changechat_train_loc.json").write_text(
+            json.dumps(training_localization_records(annotations, args.limit)))
+        training = answer(args.model, training_dir, image_root, "train", args.limit, scratch / "train")
+
+    import modeling_deltavlm  # noqa: F401  (Auto classes)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    train_pairs, train_cells = labelled_pairs(annotations, image_root, "train", args.probe_pairs)
+    test_pairs, test_cells = labelled_pairs(annotations, image_root, "test", args.limit)
+    probe = probe_scores(query_features(model, processor, train_pairs), train_cells,
+                         query_features(model, processor, test_pairs), test_cells, args.probe_steps)
+
+    payload = {
+        "model": str(args.model), "data": str(data), "machine": info,
+        "answers_held_out": answer_statistics(held_out), "answers_training": answer_statistics(training),
+        "probe": probe, "probe_pairs": {"train": len(train_pairs), "held_out": len(test_pairs)},
+    }
+    common.save(args.name, payload, markdown(payload), args.out)
+
+
+if __name__ == "__main__":
+    main()
