@@ -240,9 +240,9 @@ def warm_up_vision(
     tokens train too, on the pairs' facts read from the query outputs, under a task prompt drawn per pair, in a
     second phase: the first `vision_steps` steps (default: half of `steps`) train the vision side on the masks
     alone, the remaining steps train the Q-Former on the facts with the vision side frozen. The Q-Former's
-    pretrained weights (MiniLM for Nano) move at a tenth of `learning_rate`
-    (`vision_learning_rate`, default `learning_rate`, is the mask phase's rate); its fresh cross-attention layers and
-    the queries at the full rate. The changed cells are weighted by `cell_positive_weight` in the fact loss.
+    pretrained weights (MiniLM for Nano) move at a tenth of `learning_rate`; its fresh cross-attention layers and
+    the queries at the full rate. The mask phase runs at `vision_learning_rate` (default `learning_rate`). The
+    changed cells are weighted by `cell_positive_weight` in the fact loss.
     The mask phase also trains a `PositionProbe` (weight `position_weight` in its loss; 0 switches it off) so the
     patches keep saying where they are: the Q-Former needs that to report which cells changed.
     With `cell_query_weight` > 0 the Q-Former phase also trains a `CellQueryProbe`: query i must report cell i
@@ -250,7 +250,7 @@ def warm_up_vision(
     reads.
 
     Why two phases (`deltavlm demo` warm-ups on light-variation pairs, 2026-11-26, `warmup.json`): under one
-    joint loss the fact terms (two 6-way count cross-entropies among them) dominate the clipped gradient the ViT
+    joint loss the fact terms (two count cross-entropies among them) dominate the clipped gradient the ViT
     gets, and its held-out per-patch change F1 was 0.13 after 60 steps and 0.38 after 240 (1 260 training
     pairs); on the masks alone it was 0.61 after 180 steps and 0.66 after 360 (3 780 pairs), and the queries'
     held-out cell micro-F1 rose from at most 0.32 to 0.54. The queries can only carry *where* if the patches
@@ -259,8 +259,8 @@ def warm_up_vision(
     With `validation_facts` (from `pair_facts` on the validation annotations; needs `facts`), every log step also
     scores the probes on up to `validation_pairs` held-out labelled pairs of the "val" split: patch F1, and from
     the queries change accuracy and micro-F1 of the 18 cells (entries `val_patch_f1`, `val_change_accuracy`,
-    `val_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch figures alone cannot tell learning from memorising. Entries also name
-    their `phase` ("vision" or "qformer").
+    `val_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch
+    figures alone cannot tell learning from memorising. Entries also name their `phase` ("vision" or "qformer").
     """
     pairs = change_pairs(data_dir)
     vision = model.config.vision_config
