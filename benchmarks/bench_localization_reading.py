@@ -70,13 +70,15 @@ def answer(model: str, annotations: Path, image_root: Path, split: str, limit: i
 
 def answer_statistics(lines: list[dict]) -> dict:
     """Micro-F1 per category, distinct answers, and per cell: answers naming it, true, both."""
+    from eval.metrics import localization_metrics
     from eval.parsers import parse_localization
     from processing.conversation import GRID_CELLS
 
     named, true, both = Counter(), Counter(), Counter()
-    for line in lines:
-        predicted = parse_localization(line["prediction"]) or {category: [] for category in CATEGORIES}
-        reference = parse_localization(line["references"][0])
+    predictions = [parse_localization(line["prediction"]) for line in lines]
+    references = [parse_localization(line["references"][0]) for line in lines]
+    for predicted, reference in zip(predictions, references):
+        predicted = predicted or {category: [] for category in CATEGORIES}
         for category in CATEGORIES:
             for cell in predicted[category]:
                 named[category, cell] += 1
@@ -84,11 +86,9 @@ def answer_statistics(lines: list[dict]) -> dict:
                 true[category, cell] += 1
             for cell in set(predicted[category]) & set(reference[category]):
                 both[category, cell] += 1
-    f1 = {
-        category: _f1(sum(both[category, c] for c in GRID_CELLS), sum(named[category, c] for c in GRID_CELLS),
-                      sum(true[category, c] for c in GRID_CELLS))
-        for category in CATEGORIES
-    }
+    # the evaluation's own scores (x100), as fractions like the probe's
+    scores = localization_metrics(predictions, references)
+    f1 = {category: round(scores[category]["f1"] / 100, 3) for category in CATEGORIES}
     cells = {
         category: {cell: {"named": named[category, cell], "true": true[category, cell], "both": both[category, cell]}
                    for cell in GRID_CELLS}
