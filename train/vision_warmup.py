@@ -49,6 +49,41 @@ def change_pairs(data_dir, split: str = "train") -> list[tuple[str, str, str]]:
     return [(str(root / "A" / m.name), str(root / "B" / m.name), str(m)) for m in masks]
 
 
+def dihedral(pixel_values: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple:
+    """One random symmetry of the square (rot90 k times, then maybe a transpose) per pair, the same on A, B and
+    the pair's patch targets.
+
+    pixel_values (B, 2, C, H, W) with H == W; targets (B, grid*grid, 2) in row-major patch order. A patch's
+    targets move with its pixels because the image side is a whole number of patches. For the mask phase only:
+    positions in the answers would move too, and the Q-Former phase reads fixed pair facts.
+    """
+    grid = math.isqrt(targets.shape[1])
+    target_grid = targets.unflatten(1, (grid, grid))  # (B, grid, grid, 2)
+    images, grids = [], []
+    for image, target in zip(pixel_values, target_grid):
+        turns, transpose = int(torch.randint(0, 4, (), generator=generator)), bool(torch.randint(0, 2, (), generator=generator))
+        image, target = image.rot90(turns, dims=(-2, -1)), target.rot90(turns, dims=(0, 1))
+        if transpose:
+            image, target = image.transpose(-2, -1), target.transpose(0, 1)
+        images.append(image)
+        grids.append(target)
+    return torch.stack(images), torch.stack(grids).flatten(1, 2)
+
+
+def patch_cells(patch_hits: torch.Tensor) -> torch.Tensor:
+    """(B, grid*grid, 2) bool per-patch hits -> (B, 18) bool: roads' 9 cells, then buildings' (GRID_CELLS order).
+
+    A cell is hit when a patch whose centre lies in it is: the reading of the 3x3 answer that the patches alone
+    allow, whatever the Q-Former and the language model then make of it.
+    """
+    grid = math.isqrt(patch_hits.shape[1])
+    centre_cell = ((torch.arange(grid) + 0.5) * 3 / grid).long().clamp(max=2)  # patch row/column -> cell row/column
+    cell_of_patch = (3 * centre_cell[:, None] + centre_cell[None, :]).reshape(-1)  # (grid*grid,)
+    owner = nn.functional.one_hot(cell_of_patch, 9).float()  # (grid*grid, 9)
+    per_cell = torch.einsum("bpk,pc->bkc", patch_hits.float(), owner) > 0  # (B, 2, 9)
+    return per_cell.flatten(1)
+
+
 def patch_targets(mask_paths: list[str], grid: int) -> torch.Tensor:
     """(B, grid*grid, 2) float targets: does a changed road / building cover at least 5% of the patch."""
     targets = []
@@ -233,6 +268,7 @@ def warm_up_vision(
     cell_positive_weight: float = 4.0,
     position_weight: float = 1.0,
     cell_query_weight: float = 0.0,
+    mask_augment: bool = False,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -248,6 +284,8 @@ def warm_up_vision(
     With `cell_query_weight` > 0 the Q-Former phase also trains a `CellQueryProbe`: query i must report cell i
     (weight `cell_query_weight` on its loss), so each cell has its own slot among the tokens the language model
     reads.
+    With `mask_augment` each mask-phase pair is turned or mirrored at random (`dihedral`, the same on A, B and the
+    targets).
 
     Why two phases (`deltavlm demo` warm-ups on light-variation pairs, 2026-11-26, `warmup.json`): under one
     joint loss the fact terms (two count cross-entropies among them) dominate the clipped gradient the ViT
@@ -257,9 +295,9 @@ def warm_up_vision(
     know it first.
 
     With `validation_facts` (from `pair_facts` on the validation annotations; needs `facts`), every log step also
-    scores the probes on up to `validation_pairs` held-out labelled pairs of the "val" split: patch F1, and from
-    the queries change accuracy and micro-F1 of the 18 cells (entries `val_patch_f1`, `val_change_accuracy`,
-    `val_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch
+    scores the probes on up to `validation_pairs` held-out labelled pairs of the "val" split: patch F1, the cell
+    micro-F1 that the predicted patches give (`patch_cells`), and from the queries change accuracy and micro-F1 of the 18 cells (entries `val_patch_f1`, `val_change_accuracy`,
+    `val_cell_f1`, `val_patch_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch
     figures alone cannot tell learning from memorising. Entries also name their `phase` ("vision" or "qformer").
     """
     pairs = change_pairs(data_dir)
@@ -322,6 +360,7 @@ def warm_up_vision(
     # changes cover a small share of the patches: weight positives so the probe cannot win by saying "none"
     patch_loss_function = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0, 4.0]))
     rng = random.Random(seed)
+    augment_generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     vision_trainable = [p.requires_grad for p in vision_parameters]
     model.train()
@@ -336,9 +375,12 @@ def warm_up_vision(
             images = [(before, after) for before, after, _ in batch]
             entry = {"step": step, "phase": "vision" if vision_phase else "qformer"}
             if vision_phase:
-                pair_embeds = model.get_pair_embeds(image_processor(images)["pixel_values"]).pair_embeds
-                logits = probe(pair_embeds)
+                pixel_values = image_processor(images)["pixel_values"]
                 targets = patch_targets([mask for _, _, mask in batch], grid)
+                if mask_augment:
+                    pixel_values, targets = dihedral(pixel_values, targets, augment_generator)
+                pair_embeds = model.get_pair_embeds(pixel_values).pair_embeds
+                logits = probe(pair_embeds)
                 loss = patch_loss_function(logits, targets)
                 if position_weight:
                     loss = loss + position_weight * position_probe.loss(pair_embeds)
@@ -402,7 +444,7 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     was_training = model.training
     model.eval()
     patch_hits = patch_total = cell_hits = cell_total = changes_right = changes_known = 0
-    slot_hits = slot_total = 0
+    slot_hits = slot_total = patch_cell_hits = patch_cell_total = 0
     positions_right = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -424,6 +466,9 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         changes_known += known.sum().item()
         rows = ~torch.isnan(wanted["cells"]).any(dim=-1)
         cells, cell_targets = logits["cells"][rows] > 0, wanted["cells"][rows].bool()
+        from_patches = patch_cells(predicted)[rows]
+        patch_cell_hits += (from_patches & cell_targets).sum().item()
+        patch_cell_total += from_patches.sum().item() + cell_targets.sum().item()
         cell_hits += (cells & cell_targets).sum().item()
         cell_total += cells.sum().item() + cell_targets.sum().item()
         if cell_query_probe is not None:
@@ -431,7 +476,8 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
             slot_hits += (slots & cell_targets).sum().item()
             slot_total += slots.sum().item() + cell_targets.sum().item()
     model.train(was_training)
-    scores = {"val_patch_f1": round(2 * patch_hits / max(1, patch_total), 3)}
+    scores = {"val_patch_f1": round(2 * patch_hits / max(1, patch_total), 3),
+              "val_patch_cell_f1": round(2 * patch_cell_hits / max(1, patch_cell_total), 3)}
     if position_probe is not None:
         scores["val_position_accuracy"] = round(sum(positions_right) / len(pairs), 3)
     if with_queries:
@@ -442,4 +488,4 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     return scores
 
 
-__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "PositionProbe", "change_pairs", "cell_loss", "fact_targets", "pair_facts", "patch_targets", "warm_up_vision"]
+__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "PositionProbe", "change_pairs", "cell_loss", "dihedral", "fact_targets", "pair_facts", "patch_cells", "patch_targets", "warm_up_vision"]

@@ -11,7 +11,8 @@ from PIL import Image
 from processing.conversation import GRID_CELLS
 from train.synthetic import touched_cells, write_dataset
 from train.vision_warmup import (
-    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, fact_targets, pair_facts, warm_up_vision,
+    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, dihedral, fact_targets, pair_facts, patch_cells,
+    patch_targets, warm_up_vision,
 )
 
 
@@ -46,7 +47,7 @@ def test_facts_agree_with_the_change_masks(synthetic):
 
 def test_missing_facts_are_masked_not_guessed():
     targets = fact_targets([{"changed": 1.0, "roads": 9, "buildings": 0, "cells": [0.0] * 18}, {}])
-    assert targets["roads"].tolist() == [COUNT_CLASSES - 1, -100]  # 9 clamps to "five or more"; absent: ignored
+    assert targets["roads"].tolist() == [COUNT_CLASSES - 1, -100]  # 9 stays 9 ("nine or more"); absent: ignored
     assert targets["changed"][0] == 1.0 and torch.isnan(targets["changed"][1])
     assert torch.isnan(targets["cells"][1]).all()
 
@@ -121,7 +122,7 @@ def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tin
     (plain, plain_history), (scored, scored_history) = runs
     assert scored.training  # scoring switches to eval mode and back
     # the query probe's scores appear once it trains (the Q-Former phase), the patch probe's throughout
-    vision_scores = {"val_patch_f1", "val_position_accuracy"}
+    vision_scores = {"val_patch_f1", "val_patch_cell_f1", "val_position_accuracy"}
     assert [set(entry) & (vision_scores | {"val_change_accuracy", "val_cell_f1"}) for entry in scored_history] == [
         vision_scores, vision_scores | {"val_change_accuracy", "val_cell_f1"}
     ]
@@ -295,3 +296,56 @@ def test_vision_learning_rate_sets_the_mask_phase_rate_only(synthetic, tiny_proc
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("vision_model.", "difference_module.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("qformer."))
+
+
+def test_patch_cells_from_the_true_patches_give_the_annotated_cells_almost_always(synthetic):
+    """A cell is hit when a patch centred in it is; from the masks' own patches that reading agrees with the
+    annotated cells except where a change only grazes a cell (a few mask pixels in a patch centred elsewhere)."""
+    pairs = change_pairs(synthetic)
+    facts = _train_facts(synthetic)
+    cells = patch_cells(patch_targets([mask for _, _, mask in pairs], grid=12).bool())
+    assert cells.shape == (len(pairs), 18)
+    truth = torch.tensor([facts[os.path.realpath(before)]["cells"] for before, _, _ in pairs]).bool()
+    f1 = 2 * (cells & truth).sum() / (cells.sum() + truth.sum())
+    assert f1 > 0.85
+    # one building patch at the far right of the middle row of a 10x10 grid: centre-right, buildings' half
+    hits = torch.zeros(1, 100, 2, dtype=torch.bool)
+    hits[0, 5 * 10 + 9, 1] = True
+    assert patch_cells(hits)[0].nonzero().flatten().tolist() == [9 + GRID_CELLS.index("center-right")]
+
+
+def test_dihedral_moves_each_patch_target_with_its_pixels():
+    grid, patch = 4, 8
+    pixels = torch.rand(5, 1, 3, grid * patch, grid * patch)
+    pixels = torch.cat([pixels, 2 * pixels], dim=1)  # B = 2 A: only the same move on both keeps that
+    # each patch's target is its mean pixel in A, so the targets can be recomputed after the move
+    def means(images):
+        return images[:, 0].mean(1).unflatten(1, (grid, patch)).unflatten(3, (grid, patch)).mean((2, 4)).flatten(1)
+    targets = torch.stack([means(pixels), -means(pixels)], dim=-1)  # (B, grid*grid, 2)
+    seen = set()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        moved, moved_targets = dihedral(pixels, targets, generator)
+        assert moved.shape == pixels.shape
+        torch.testing.assert_close(moved_targets[..., 0], means(moved))
+        torch.testing.assert_close(moved_targets[..., 1], -means(moved))
+        torch.testing.assert_close(moved[:, 1], 2 * moved[:, 0])  # A and B moved together
+        seen.add(tuple(moved_targets[0, :, 0].argsort().tolist()))
+    assert len(seen) == 8  # all eight symmetries of the square turn up
+
+
+def test_mask_augment_changes_what_the_mask_phase_sees_and_is_seeded(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    states = []
+    for augment in (False, True, True):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log=lambda _: None,
+                       mask_augment=augment)
+        states.append(model.vision_model.state_dict())
+    plain, augmented, again = states
+    assert any(not torch.equal(plain[k], augmented[k]) for k in plain)
+    assert all(torch.equal(augmented[k], again[k]) for k in augmented)
