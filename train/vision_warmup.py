@@ -296,9 +296,11 @@ def warm_up_vision(
 
     With `validation_facts` (from `pair_facts` on the validation annotations; needs `facts`), every log step also
     scores the probes on up to `validation_pairs` held-out labelled pairs of the "val" split: patch F1, the cell
-    micro-F1 that the predicted patches give (`patch_cells`), and from the queries change accuracy and micro-F1 of the 18 cells (entries `val_patch_f1`, `val_change_accuracy`,
-    `val_cell_f1`, `val_patch_cell_f1`; with `cell_query_weight`, `val_slot_cell_f1` from the per-query probe). The training-batch
-    figures alone cannot tell learning from memorising. Entries also name their `phase` ("vision" or "qformer").
+    micro-F1 that the predicted patches give (`patch_cells`), and from the queries change accuracy, micro-F1 of the
+    18 cells and the MAE of the two counts (entries `val_patch_f1`, `val_change_accuracy`, `val_cell_f1`,
+    `val_patch_cell_f1`, `val_road_count_mae`, `val_building_count_mae`; with `cell_query_weight`,
+    `val_slot_cell_f1` from the per-query probe). The training-batch figures alone cannot tell learning from
+    memorising. Entries also name their `phase` ("vision" or "qformer").
     """
     pairs = change_pairs(data_dir)
     vision = model.config.vision_config
@@ -445,6 +447,7 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     model.eval()
     patch_hits = patch_total = cell_hits = cell_total = changes_right = changes_known = 0
     slot_hits = slot_total = patch_cell_hits = patch_cell_total = 0
+    count_errors = {"roads": [], "buildings": []}
     positions_right = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -464,6 +467,9 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         known = ~torch.isnan(wanted["changed"])
         changes_right += ((logits["changed"][known] > 0).float() == wanted["changed"][known]).sum().item()
         changes_known += known.sum().item()
+        for key, errors in count_errors.items():
+            stated = wanted[key] >= 0
+            errors += (logits[key][stated].argmax(-1) - wanted[key][stated]).abs().tolist()
         rows = ~torch.isnan(wanted["cells"]).any(dim=-1)
         cells, cell_targets = logits["cells"][rows] > 0, wanted["cells"][rows].bool()
         from_patches = patch_cells(predicted)[rows]
@@ -483,6 +489,9 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     if with_queries:
         scores["val_change_accuracy"] = round(changes_right / max(1, changes_known), 3)
         scores["val_cell_f1"] = round(2 * cell_hits / max(1, cell_total), 3)
+        for key, errors in count_errors.items():
+            if errors:  # against the clamped target: 9 stands for "nine or more"
+                scores[f"val_{key[:-1]}_count_mae"] = round(sum(errors) / len(errors), 3)
         if cell_query_probe is not None:
             scores["val_slot_cell_f1"] = round(2 * slot_hits / max(1, slot_total), 3)
     return scores

@@ -123,11 +123,13 @@ def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tin
     assert scored.training  # scoring switches to eval mode and back
     # the query probe's scores appear once it trains (the Q-Former phase), the patch probe's throughout
     vision_scores = {"val_patch_f1", "val_patch_cell_f1", "val_position_accuracy"}
-    assert [set(entry) & (vision_scores | {"val_change_accuracy", "val_cell_f1"}) for entry in scored_history] == [
-        vision_scores, vision_scores | {"val_change_accuracy", "val_cell_f1"}
+    query_scores = {"val_change_accuracy", "val_cell_f1", "val_road_count_mae", "val_building_count_mae"}
+    assert [set(entry) & (vision_scores | query_scores) for entry in scored_history] == [
+        vision_scores, vision_scores | query_scores
     ]
     for entry in scored_history:
-        assert all(0.0 <= value <= 1.0 for key, value in entry.items() if key.startswith("val_"))
+        assert all(0.0 <= value <= 1.0 for key, value in entry.items() if key.startswith("val_") and "mae" not in key)
+        assert all(0.0 <= value <= COUNT_CLASSES - 1 for key, value in entry.items() if key.endswith("_mae"))
     assert not any(key.startswith("val_") for entry in plain_history for key in entry)
     # held-out scoring runs under no_grad in eval mode and draws no random numbers: the same weights come out
     scored_state = scored.state_dict()
