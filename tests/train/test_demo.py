@@ -95,3 +95,36 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "reusing the warmed-up Nano" in rerun.stdout and "training 2 steps" in rerun.stdout
     assert (out / "model" / "config.json").is_file()
+
+
+def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_path, synthetic, tiny_model_dir, capsys):
+    """`--focused-tail SHARE`: the last steps train on localization and count answers only, from the mixed run's
+    merged model, and the curve runs on across both runs. A tiny model stands in for the warmed-up Nano (the demo
+    reuses `nano-init/` and `data/` when it finds them)."""
+    import yaml
+
+    out = tmp_path / "demo"
+    shutil.copytree(synthetic, out / "data")
+    shutil.copytree(tiny_model_dir, out / "nano-init")
+    code = main(["--out", str(out), "--train-steps", "4", "--focused-tail", "0.5", "--eval-limit", "2", "--no-save"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "the last 2 steps: localization and count answers only" in printed
+    assert (out / "model-mixed" / "config.json").is_file() and (out / "model" / "config.json").is_file()
+    mixed = yaml.safe_load((out / "train_config.yaml").read_text())
+    tail = yaml.safe_load((out / "train-tail_config.yaml").read_text())
+    assert mixed["data"]["task_weights"] is None and mixed["training"]["max_steps"] == 2
+    assert tail["model"]["model_name_or_path"] == str(out / "model-mixed")
+    assert tail["training"]["max_steps"] == 2 and tail["export"]["export_dir"] == str(out / "model")
+    assert {task for task, weight in tail["data"]["task_weights"].items() if weight} == {"localization", "count"}
+    curve = json.loads((out / "curve.json").read_text())
+    steps = [point["step"] for point in curve]
+    assert steps == sorted(steps) and steps[-1] == 4
+    assert [point["minutes"] for point in curve] == sorted(point["minutes"] for point in curve)
+    mixed_end = next(point for point in curve if point["step"] == 2)  # scored: the curve shows what the tail changed
+    assert {"binary accuracy", "count MAE", "localization F1"} <= set(mixed_end)
+
+
+def test_focused_tail_share_is_checked(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--focused-tail", "1.0"]) == 2
+    assert "--focused-tail must lie in [0, 1)" in capsys.readouterr().err
