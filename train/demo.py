@@ -160,7 +160,7 @@ def run_demo(args) -> dict:
         share = args.focused_tail
         if share is None:
             share = FOCUSED_TAIL_SHARE if args.budget_minutes >= FOCUSED_TAIL_MIN_MINUTES else 0.0
-        tail_steps = int(round(share * max_steps))
+        tail_steps = min(int(round(share * max_steps)), max_steps - 1)  # the mixed run keeps at least one step
         curve = _instruction_tuning(out, init_dir, data_dir, model_dir, max_steps - tail_steps, tail_steps, args, say)
         (out / "curve.json").write_text(json.dumps(curve, indent=2))
     else:
