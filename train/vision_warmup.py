@@ -61,7 +61,8 @@ def dihedral(pixel_values: torch.Tensor, targets: torch.Tensor, generator: torch
     target_grid = targets.unflatten(1, (grid, grid))  # (B, grid, grid, 2)
     images, grids = [], []
     for image, target in zip(pixel_values, target_grid):
-        turns, transpose = int(torch.randint(0, 4, (), generator=generator)), bool(torch.randint(0, 2, (), generator=generator))
+        turns = int(torch.randint(0, 4, (), generator=generator))
+        transpose = bool(torch.randint(0, 2, (), generator=generator))
         image, target = image.rot90(turns, dims=(-2, -1)), target.rot90(turns, dims=(0, 1))
         if transpose:
             image, target = image.transpose(-2, -1), target.transpose(0, 1)
