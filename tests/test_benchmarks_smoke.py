@@ -189,3 +189,34 @@ def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
     bad = subprocess.run(command[:4] + ["--data", str(tmp_path / "nothing")], capture_output=True, text=True,
                          cwd=REPO, timeout=300, check=False)
     assert bad.returncode == 2 and "nothing" in bad.stderr and "deltavlm synth" in bad.stderr
+
+
+def test_tail_with_trainable_qformer_moves_the_qformer_and_not_the_vision_side(tmp_path, tiny_model_dir):
+    """bench_tail_qformer.py: the demo's tail config with `encoder_learning_rate` > 0 trains the Q-Former and the
+    queries while the ViT and CSRM keep the warm-up's weights."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from train.demo import FOCUSED_TAIL_WEIGHTS, _write_train_config
+    from train.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 12, seed=5)
+    config_path = _write_train_config(tmp_path, tiny_model_dir, data, tmp_path / "model", max_steps=2, seed=0,
+                                      task_weights=FOCUSED_TAIL_WEIGHTS, name="train-tail")
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["encoder_learning_rate"] = 1e-2
+    config["training"]["per_device_train_batch_size"] = 2
+    config_path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_tail_qformer.py"), str(config_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(tmp_path / "model" / "model.safetensors")
+    vision = [name for name in before if name.startswith(("vision_model.", "difference_module."))]
+    qformer = [name for name in before if name.startswith("qformer.encoder.") or name == "query_tokens"]
+    assert vision and qformer
+    assert all(torch.equal(before[name], after[name]) for name in vision)
+    assert sum(not torch.equal(before[name], after[name]) for name in qformer) > len(qformer) // 2
