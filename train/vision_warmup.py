@@ -194,9 +194,10 @@ class CellQueryProbe(nn.Module):
     only the query's slot says where. The FactProbe reads all queries flattened, which lets the cells hide in any
     mix of them; the language model then has to untangle that mix from a few hundred LoRA steps, and on the
     60-minute demo's Nano it did not (greedy test answers never named a right-hand cell: 0 of 120 true ones).
-    Measured, not adopted (README, "Where localization is lost, decomposed"): from the 60-minute warm-up, the
-    per-query probe read the held-out cells at 0.48 against the flattened probe's 0.57, and 120 LoRA steps after it
-    gave localization F1 23.6 against 26.0 (mixed tasks) and 35.9 against 39.7 (localization answers only).
+    Measured, not adopted (docs/nano_experiments.md, "Where localization is lost, decomposed"): from the 60-minute
+    warm-up, the per-query probe read the held-out cells at 0.48 against the flattened probe's 0.57, and 120 LoRA
+    steps after it gave localization F1 23.6 against 26.0 (mixed tasks) and 35.9 against 39.7 (localization answers
+    only).
     """
 
     def __init__(self, width: int):
@@ -288,7 +289,8 @@ def warm_up_vision(
     With `mask_augment` each mask-phase pair is turned or mirrored at random (`dihedral`, the same on A, B and the
     targets). Off by default: at 360 steps on the 60-minute demo's data it lowered held-out patch F1 (0.621 vs
     0.673) with the patches' own cell F1 unchanged (0.691 vs 0.694): that many steps underfit, and harder data does
-    not help an underfitting model (README, "Where localization is lost").
+    not help an underfitting model (docs/nano_experiments.md, "Where localization and the building counts are
+    lost").
 
     Why two phases (`deltavlm demo` warm-ups on light-variation pairs, 2026-11-26, `warmup.json`): under one
     joint loss the fact terms (two count cross-entropies among them) dominate the clipped gradient the ViT
