@@ -244,7 +244,8 @@ def run_demo(args) -> dict:
 # adapters on the merged model, lifted held-out localization from 30.4 to 39.9 (mean of roads and buildings) and left
 # binary, caption, open QA and dialogue where they were (2 cores, 2026-11-27, docs/nano_experiments.md). Inside a
 # fixed budget the tail takes its steps from the mix, so there it is a trade: the 60-minute demo with it (240 + 80
-# steps) gave localization 37.7 against 31.0 without (305 mixed steps, a day earlier), caption CIDEr 127 against 137, dialogue 523 against 534.
+# steps) gave localization 37.7 against 31.0 without (305 mixed steps, a day earlier), caption CIDEr 127 against
+# 137, dialogue 523 against 534.
 # Short budgets keep every step on the mix: at 10 minutes the stage has ~60 steps and the captions are still forming.
 FOCUSED_TAIL_SHARE = 0.25
 FOCUSED_TAIL_MIN_MINUTES = 30.0
