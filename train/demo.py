@@ -24,6 +24,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
+from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from processing.changechat_data import load_records
 from processing.conversation import TASK_PROMPTS, task_of_question
 
@@ -177,7 +178,7 @@ def run_demo(args) -> dict:
     code = eval_main([
         "--model", str(model_dir), "--data", str(data_dir / "annotations"), "--image-root", str(data_dir / "images"),
         "--task", "all", "--limit", str(eval_limit),
-        # The decoding is Nano's own, from its generation_config.json (build_nano): greedy, 48 new tokens, no
+        # The decoding is Nano's own, from its generation_config.json (build_nano): greedy, 96 new tokens, no
         # repetition penalty. The authors' 1.5 is for their 7B captions; a cell list repeats its tokens by design,
         # and at 1.5 Nano garbled them ('center-' and '/bottom'): on the 60-minute run's model, localization
         # micro-F1 went from 20.9 / 11.8 to 27.7 / 34.3 without it (roads / buildings, 200 test records).
@@ -311,9 +312,9 @@ Held-out synthetic test split, greedy decoding without repetition penalty, next 
 
 {results_table}
 
-Its `generation_config.json` holds that decoding (greedy, at most 48 new tokens, no repetition penalty: the
-paper's penalty of 1.5 garbles Nano's cell lists), so `model.generate(**inputs)` and `deltavlm predict` / `eval` /
-`chat` / `serve` use it unless told otherwise.
+Its `generation_config.json` holds that decoding (greedy, at most {NANO_MAX_NEW_TOKENS} new tokens, no repetition
+penalty: the paper's penalty of 1.5 garbles Nano's cell lists), so `model.generate(**inputs)` and `deltavlm predict`
+/ `eval` / `chat` / `serve` use it unless told otherwise.
 """
     config = AutoConfig.from_pretrained(model_dir)
     return default_model_card(
@@ -472,7 +473,7 @@ def quick_scores(model, processor, records_by_task: dict) -> dict:
         inputs = processor(images=list(zip(records["image_before"], records["image_after"])), text=prompts)
         inputs = inputs.to(model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=NANO_MAX_NEW_TOKENS, do_sample=False)
         answers = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1])
         scores = score_task(task, answers, [a[0] for a in records["answers"]], meteor=False)
         results.update(_headline_point({task: scores}))
@@ -617,7 +618,7 @@ def ask_all_tasks(model, processor, pair) -> dict:
     rendered = [processor.apply_chat_template([{"role": "user", "content": p}]) for p in prompts.values()]
     inputs = processor(images=[pair] * len(rendered), text=rendered)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=NANO_MAX_NEW_TOKENS, do_sample=False)
     answers = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1])
     return dict(zip(prompts, answers))
 

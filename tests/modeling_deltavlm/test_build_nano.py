@@ -1,11 +1,23 @@
-"""DeltaVLM-Nano from its PyPI parts (slow: loading the GGUF takes ~30 s)."""
+"""DeltaVLM-Nano from its PyPI parts (the build is slow: loading the GGUF takes ~30 s)."""
 
 import pytest
 import torch
 
 pytest.importorskip("gguf")
 
-from modeling_deltavlm.build_nano import build_nano, minilm_dir  # noqa: E402
+from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS, build_nano, load_nano_tokenizers, minilm_dir  # noqa: E402
+
+
+def test_nano_answer_cap_holds_the_longest_synthetic_answer():
+    """A localization answer naming all nine cells for both categories, plus the end-of-turn token, fits."""
+    from processing.conversation import GRID_CELLS
+    from train.synthetic.language import GroundTruth, localization_answer
+
+    every_cell = GroundTruth(roads_added=1, roads_removed=0, buildings_added=1, buildings_removed=0,
+                             road_cells=list(GRID_CELLS), building_cells=list(GRID_CELLS))
+    tokenizer, _ = load_nano_tokenizers()
+    answer_length = len(tokenizer(localization_answer(every_cell), add_special_tokens=False).input_ids)
+    assert answer_length + 1 <= NANO_MAX_NEW_TOKENS
 
 
 @pytest.mark.slow
@@ -15,9 +27,9 @@ def test_nano_builds_from_pretrained_parts_and_keeps_minilm_text_path(sample_pai
     counts = model.set_trainable_as_paper()
     assert counts["vision_embeddings"] > 0  # the ViT is trained from scratch, embeddings included
     assert not any(p.requires_grad for p in model.language_model.parameters())
-    # Nano's own decoding (greedy, no penalty, 48 tokens) is what its generation_config states
+    # Nano's own decoding (greedy, no penalty, NANO_MAX_NEW_TOKENS) is what its generation_config states
     generation = model.generation_config
-    assert (generation.num_beams, generation.repetition_penalty, generation.max_new_tokens) == (1, 1.0, 48)
+    assert (generation.num_beams, generation.repetition_penalty, generation.max_new_tokens) == (1, 1.0, NANO_MAX_NEW_TOKENS)
     # the Q-Former's text path (no queries, no cross-attention) computes MiniLM's BertModel output
     from transformers import BertModel
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import HEADLINE, baseline_scores, build_parser, headline, main, nano_model_card, plot_curve, summary_table
 from train.synthetic import write_dataset
 
@@ -79,9 +80,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert (out / "curve.png").is_file()
     # the evaluation decodes as the curve probe and the answers do, from Nano's own generation_config.json
     generation = json.loads((out / "eval" / "metrics.json").read_text())["generation"]
-    assert (generation["num_beams"], generation["repetition_penalty"], generation["max_new_tokens"]) == (1, 1.0, 48)
+    assert (generation["num_beams"], generation["repetition_penalty"], generation["max_new_tokens"]) == (1, 1.0, NANO_MAX_NEW_TOKENS)
     saved = json.loads((tmp_path / "home" / "generation_config.json").read_text())
-    assert (saved["num_beams"], saved["repetition_penalty"], saved["max_new_tokens"]) == (1, 1.0, 48)
+    assert (saved["num_beams"], saved["repetition_penalty"], saved["max_new_tokens"]) == (1, 1.0, NANO_MAX_NEW_TOKENS)
     # the warm-up ran its two phases: masks first, then the Q-Former on the facts
     phases = [entry["phase"] for entry in json.loads((out / "warmup.json").read_text())]
     assert phases[0] == "vision" and phases[-1] == "qformer"
