@@ -5,7 +5,12 @@ import torch
 
 pytest.importorskip("gguf")
 
-from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS, build_nano, load_nano_tokenizers, minilm_dir  # noqa: E402
+from modeling_deltavlm.build_nano import (  # noqa: E402
+    NANO_MAX_NEW_TOKENS,
+    build_nano,
+    load_nano_tokenizers,
+    minilm_dir,
+)
 
 
 def test_nano_answer_cap_holds_the_longest_synthetic_answer():
@@ -29,7 +34,8 @@ def test_nano_builds_from_pretrained_parts_and_keeps_minilm_text_path(sample_pai
     assert not any(p.requires_grad for p in model.language_model.parameters())
     # Nano's own decoding (greedy, no penalty, NANO_MAX_NEW_TOKENS) is what its generation_config states
     generation = model.generation_config
-    assert (generation.num_beams, generation.repetition_penalty, generation.max_new_tokens) == (1, 1.0, NANO_MAX_NEW_TOKENS)
+    decoding = (generation.num_beams, generation.repetition_penalty, generation.max_new_tokens)
+    assert decoding == (1, 1.0, NANO_MAX_NEW_TOKENS)
     # the Q-Former's text path (no queries, no cross-attention) computes MiniLM's BertModel output
     from transformers import BertModel
 
