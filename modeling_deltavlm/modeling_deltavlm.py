@@ -285,16 +285,26 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         vision_embeds = vision_embeds.unflatten(0, (batch_size, 2))
         before_embeds, after_embeds = vision_embeds[:, 0], vision_embeds[:, 1]
         # step 3: difference module (or the plain concatenation when it is switched off): (B, 2S, D)
-        if self.config.use_difference_module:
-            pair_embeds = self.difference_module(before_embeds, after_embeds)
-        else:
-            pair_embeds = torch.cat([before_embeds, after_embeds], dim=1)
         return DeltaVLMVisionOutput(
-            pair_embeds=pair_embeds,
+            pair_embeds=self.relate_pair(before_embeds, after_embeds),
             before_embeds=before_embeds,
             after_embeds=after_embeds,
             vision_hidden_states=hidden_states.unflatten(0, (batch_size, 2)),
         )
+
+    def relate_pair(self, before_embeds: torch.FloatTensor, after_embeds: torch.FloatTensor) -> torch.FloatTensor:
+        r"""
+        The last step of `get_pair_embeds`: the difference module, or the plain concatenation when
+        `config.use_difference_module` is off. Separate so that a caller holding the ViT outputs of a frozen vision
+        side (the Nano warm-up's Q-Former phase caches them) still runs the module, dropout included.
+
+        before_embeds, after_embeds (`torch.FloatTensor` of shape `(batch_size, S, D)`): `ln_vision` outputs.
+
+        Returns `pair_embeds` of shape `(batch_size, 2 * S, D)`.
+        """
+        if self.config.use_difference_module:
+            return self.difference_module(before_embeds, after_embeds)
+        return torch.cat([before_embeds, after_embeds], dim=1)
 
     def get_image_features(
         self,

@@ -37,6 +37,8 @@ SAMPLE_FEATURES = datasets.Features(
         "prompt": datasets.Value("string"),
         "answer": datasets.Value("string"),
         "index": datasets.Value("int64"),  # row number: the augmentation's per-sample seed
+        # characters of prompt + answer: what `train_sampling_strategy: group_by_length` sorts by (DeltaVLMTrainer)
+        "length": datasets.Value("int64"),
     }
 )
 MAX_ANSWER_WORDS = 50  # blip_caption's max_words, applied by the authors to the targets as well
@@ -144,6 +146,7 @@ def records_to_samples(records: datasets.Dataset, template: str = "deltavlm", ca
                     out["image_after"].append(batch["image_after"][i])
                     out["prompt"].append(prompt)
                     out["answer"].append(answer)
+                    out["length"].append(len(prompt) + len(answer))
         out["index"] = [0] * len(out["id"])  # filled below, once rows from all batches are in place
         return out
 

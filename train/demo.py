@@ -51,6 +51,33 @@ HEADLINE = {
 VISION_LEARNING_RATE = 3e-3
 # Share of the budget the stages get (measured on 2 cores: the rest goes to data, loading and saving).
 TRAIN_SHARE = 0.62
+# The vision warm-up takes 12 steps a budget minute, but at most this share of the budget at this machine's measured
+# speed. On the 2-core Xeon the defaults were tuned on, 120 steps took 27% of the 10-minute default; on a 2-core EPYC
+# without AVX-512 (2026-11-27) every step took 2.1-2.3 times as long, the same 120 steps took 5.4 minutes, the
+# language stage got 20 steps, the run 14.1 minutes, and the answers lost to the constant baselines on caption,
+# localization, open QA and dialogue. Each stage now sizes itself on this machine's speed: a slower machine gets
+# fewer steps of each, not a longer run.
+WARMUP_SHARE = 0.3
+# Never fewer: with 25 mask steps (51 in all; EPYC, 2026-11-27) the held-out patch F1 was still 0.0 — the mask
+# probe had not left "nothing changed" — where 60 reached 0.47.
+MIN_WARMUP_STEPS = 120
+# A warm-up step costs this many times the mask-phase step that `_measure_warmup_step_seconds` times: the Q-Former
+# phase's steps and the held-out scoring cost more (EPYC, 2026-11-27: 120 steps in 324 s against 1.9 s measured).
+WARMUP_STEP_FACTOR = 1.4
+# Below this budget the language stage trains at batch 8, from it at 16. On the same warmed-up Nano (10-minute data,
+# 120 warm-up steps; EPYC, 2026-11-27; 40 test records per task, greedy): 20 steps at batch 16 lost to the constant
+# baselines on four tasks (caption CIDEr 61.7, dialogue 14.6), 40 steps at batch 8 — the same 320 samples, in 1.2x
+# the time — beat all six (caption 131.2 against 125.4, dialogue 588.9 against 575.3). Early on, updates count
+# more than samples. The longer budgets' numbers in the README were measured at batch 16.
+SMALL_BATCH_BELOW_MINUTES = 30.0
+# What follows the language stage, in its own steps' time (EPYC, 2026-11-27, batch 8, 5.8 s a step): evaluating 40
+# records of each task took 94 s (16 steps), a curve probe (16 records of three tasks) ~14 s, the answers about a
+# pair, the model card and the copy ~15 s.
+EVAL_STEPS_PER_RECORD = 0.4
+PROBE_STEPS = 3.0
+FINAL_STEPS = 3.0
+# the evaluation's generation batch (one batch a task at the default 40 records; 94 s against 127 s at 16 on the EPYC)
+EVAL_BATCH_SIZE = 40
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,16 +153,25 @@ def run_demo(args) -> dict:
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
-        # 12 steps a budget minute, half on the masks, half on the facts (~1 s and ~1.6 s a step on 2 cores).
-        # Measured at the 10-minute default: 18 a minute gave a better encoder (binary 90% vs 80%) but left the
-        # language stage 37 steps instead of 48, and the caption and dialogue answers stayed at the constant.
-        warmup_steps = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes)))
-        say(f"vision warm-up: {warmup_steps} steps on the change masks and the pairs' facts")
+        # 12 steps a budget minute, half on the masks, half on the facts, sized to this machine (size_warm_up).
+        # Measured at the 10-minute default on the Xeon: 18 a minute gave a better encoder (binary 90% vs 80%) but
+        # left the language stage 37 steps instead of 48, and the caption and dialogue answers stayed at the constant.
+        warmup_steps, warmup_batch = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes))), 32
+        if not args.warmup_steps:
+            step_seconds = _measure_warmup_step_seconds(model, processor.image_processor, data_dir)
+            planned = warmup_steps
+            warmup_steps, warmup_batch = size_warm_up(args.budget_minutes, warmup_steps, step_seconds)
+            if (warmup_steps, warmup_batch) != (planned, 32):
+                say(f"a mask-phase step takes {step_seconds:.1f} s here: {warmup_steps} warm-up steps at batch "
+                    f"{warmup_batch} fit {WARMUP_SHARE:.0%} of the budget")
+        say(f"vision warm-up: {warmup_steps} steps at batch {warmup_batch}, half on the change masks, half on the "
+            "pairs' facts")
         facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
         # held-out probe scores in the log (val split): what the queries carry before the language stage
         validation_file = data_dir / "annotations" / "changechat_val.json"
         validation_facts = pair_facts(validation_file, data_dir / "images") if validation_file.is_file() else None
         history = warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
+                                 batch_size=warmup_batch,
                                  vision_learning_rate=VISION_LEARNING_RATE,
                                  log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
                                  validation_facts=validation_facts, validation_pairs=32)
@@ -149,20 +185,32 @@ def run_demo(args) -> dict:
     # 3. instruction tuning with the Trainer
     model_dir = out / "model"
     curve = []
+    eval_limit = args.eval_limit or int(min(200, max(24, 4 * args.budget_minutes)))
+    batch_size = train_batch_size(args.budget_minutes)
+    probes = probes_per_run(args.budget_minutes)
     if not (model_dir / "config.json").is_file():
+        deadline = None
         if args.train_steps:
             max_steps = args.train_steps
-            say(f"training {max_steps} steps")
+            say(f"training {max_steps} steps at batch {batch_size}")
         else:
-            train_seconds = max(60.0, TRAIN_SHARE * budget - (time.time() - started) * 0.5)
-            step_seconds = _measure_step_seconds(init_dir, data_dir, lora=not args.frozen_llm)
+            step_seconds = _measure_step_seconds(init_dir, data_dir, lora=not args.frozen_llm, batch_size=batch_size)
+            elapsed = time.time() - started
+            # what must still fit after the stage: the evaluation, the curve probes, the answers and the copy
+            after = step_seconds * (EVAL_STEPS_PER_RECORD * eval_limit + PROBE_STEPS * probes + FINAL_STEPS)
+            train_seconds = max(60.0, min(TRAIN_SHARE * budget - elapsed * 0.5, budget - elapsed - after))
             max_steps = max(20, int(train_seconds / step_seconds))
-            say(f"training {max_steps} steps (~{step_seconds:.1f} s each, {train_seconds / 60:.1f} min)")
+            # the estimate can be off (other load on the machine): the stage also stops at the budget's deadline
+            deadline = started + budget - after
+            say(f"training {max_steps} steps at batch {batch_size} (~{step_seconds:.1f} s each, "
+                f"{train_seconds / 60:.1f} min)")
         share = args.focused_tail
         if share is None:
             share = FOCUSED_TAIL_SHARE if args.budget_minutes >= FOCUSED_TAIL_MIN_MINUTES else 0.0
         tail_steps = min(int(round(share * max_steps)), max_steps - 1)  # the mixed run keeps at least one step
-        curve = _instruction_tuning(out, init_dir, data_dir, model_dir, max_steps - tail_steps, tail_steps, args, say)
+        curve = _instruction_tuning(out, init_dir, data_dir, model_dir, max_steps - tail_steps, tail_steps, args, say,
+                                    batch_size=batch_size, probes=probes, deadline=deadline,
+                                    tail_seconds=tail_steps * step_seconds if deadline else 0.0)
         (out / "curve.json").write_text(json.dumps(curve, indent=2))
     else:
         say(f"reusing the trained model in {model_dir}")
@@ -170,7 +218,6 @@ def run_demo(args) -> dict:
             curve = json.loads((out / "curve.json").read_text())
 
     # 4. evaluation next to trivial baselines
-    eval_limit = args.eval_limit or int(min(200, max(24, 4 * args.budget_minutes)))
     say(f"evaluating six tasks on {eval_limit} held-out records each")
     from eval.run_eval import main as eval_main
 
@@ -183,7 +230,7 @@ def run_demo(args) -> dict:
         # and at 1.5 Nano garbled them ('center-' and '/bottom'): on the 60-minute run's model, localization
         # micro-F1 went from 20.9 / 11.8 to 27.7 / 34.3 without it (roads / buildings, 200 test records).
         # The curve probe and the answers below decode the same way.
-        "--no-meteor", "--batch-size", "16", "--out", str(eval_dir),
+        "--no-meteor", "--batch-size", str(EVAL_BATCH_SIZE), "--out", str(eval_dir),
     ])
     if code:
         raise RuntimeError(f"evaluation failed with exit code {code}")
@@ -253,25 +300,74 @@ FOCUSED_TAIL_MIN_MINUTES = 30.0
 FOCUSED_TAIL_WEIGHTS = {"localization": 1.0, "count": 1.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
 
 
+def train_batch_size(budget_minutes: float) -> int:
+    """The language stage's batch: 8 below SMALL_BATCH_BELOW_MINUTES (more updates in a short run), else 16."""
+    return 8 if budget_minutes < SMALL_BATCH_BELOW_MINUTES else 16
+
+
+def size_warm_up(budget_minutes: float, steps: int, step_seconds: float) -> tuple[int, int]:
+    """(steps, batch) of the vision warm-up, given its planned steps and the measured seconds of one mask-phase step
+    at batch 32: unchanged where they fit WARMUP_SHARE of the budget. Where they do not, a short budget (below
+    SMALL_BATCH_BELOW_MINUTES) halves the batch and keeps the steps — the mask phase needs its ~60 steps (with 25
+    its held-out patch F1 was 0.0) — and a longer one keeps batch 32 and cuts the steps (not below
+    MIN_WARMUP_STEPS). On the EPYC (10-minute data, 2026-11-27) batch 16 did the 120 steps in 2.9 min against 5.4,
+    at held-out patch F1 0.37 against 0.47 and the queries' change accuracy 0.875 against 0.906."""
+    per_step = WARMUP_STEP_FACTOR * step_seconds
+    if steps * per_step <= WARMUP_SHARE * budget_minutes * 60:
+        return steps, 32
+    if budget_minutes < SMALL_BATCH_BELOW_MINUTES:
+        return steps, 16
+    return max(MIN_WARMUP_STEPS, min(steps, int(WARMUP_SHARE * budget_minutes * 60 / per_step))), 32
+
+
+def probes_per_run(budget_minutes: float) -> int:
+    """Curve probes inside each Trainer run: one in a short run (each costs ~3 steps), three from 30 minutes."""
+    return 1 if budget_minutes < SMALL_BATCH_BELOW_MINUTES else 3
+
+
+def probe_every(steps: int, probes: int) -> int:
+    """Steps between curve probes so that `probes` of them fall inside a run of `steps` (none at its last step)."""
+    if probes >= 3:
+        return max(1, steps // 3)  # the longer budgets' curves in the README were probed this way
+    return max(1, -(-steps // (probes + 1)))
+
+
+class StopAtDeadline(TrainerCallback):
+    """Ends a Trainer run once the wall clock passes `deadline` (a time.time() value). The step estimate the run
+    was sized by can be off when something else loads the machine; this keeps the demo inside its budget. The model
+    is exported as usual; the cosine schedule then ends above zero."""
+
+    def __init__(self, deadline: float, say=print):
+        self.deadline, self.say = deadline, say
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() > self.deadline and state.global_step < state.max_steps:
+            self.say(f"the budget's deadline has passed: stopping at step {state.global_step} of {state.max_steps}")
+            control.should_training_stop = True
+
+
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
-                        tail_steps: int, args, say) -> list[dict]:
+                        tail_steps: int, args, say, batch_size: int = 16, probes: int = 3,
+                        deadline: float | None = None, tail_seconds: float = 0.0) -> list[dict]:
     """The Trainer runs of the language stage; returns the curve points (minutes and steps count on across runs).
 
     `mixed_steps` on the training file's task mix, then (if `tail_steps`) a second run from the merged result on
     localization and count answers only (FOCUSED_TAIL_WEIGHTS) with fresh adapters. The mixed model is kept in
-    `out/model-mixed` so that an interrupted tail reruns alone.
+    `out/model-mixed` so that an interrupted tail reruns alone. With `deadline`, the tail stops there and the mixed
+    run `tail_seconds` before it.
     """
     from transformers import AutoProcessor
 
     from train.run_train import main as train_main
 
     processor = AutoProcessor.from_pretrained(init_dir)
-    runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps, None)]
+    runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps, None,
+             deadline - tail_seconds if deadline else None)]
     if tail_steps:
         say(f"the last {tail_steps} steps: localization and count answers only (a focused tail)")
-        runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS))
+        runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS, deadline))
     curve, minutes_before, steps_before = [], 0.0, 0
-    for name, source, target, steps, weights in runs:
+    for name, source, target, steps, weights, run_deadline in runs:
         if (target / "config.json").is_file():
             say(f"reusing {target}")
             if (out / f"curve-{name}.json").is_file():
@@ -280,12 +376,13 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
                 minutes_before, steps_before = points[-1]["minutes"], points[-1]["step"]
             continue
         config_path = _write_train_config(out, source, data_dir, target, steps, args.seed, lora=not args.frozen_llm,
-                                          task_weights=weights, name=name)
+                                          task_weights=weights, name=name, batch_size=batch_size)
         # a run followed by another scores its own end: the curve then shows what the tail changed
-        probe = CurveCallback(data_dir, processor, every=max(1, steps // 3), seed=args.seed,
+        probe = CurveCallback(data_dir, processor, every=probe_every(steps, probes), seed=args.seed,
                               minutes_before=minutes_before, steps_before=steps_before,
                               score_at_end=target != model_dir)
-        code = train_main(["--config", str(config_path)], callbacks=[probe])
+        callbacks = [probe] + ([StopAtDeadline(run_deadline, say)] if run_deadline else [])
+        code = train_main(["--config", str(config_path)], callbacks=callbacks)
         if code:
             raise RuntimeError(f"training failed with exit code {code}")
         (out / f"curve-{name}.json").write_text(json.dumps(probe.points, indent=2))
@@ -353,7 +450,8 @@ NANO_LEARNING_RATE = 1e-3
 
 
 def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int,
-                        lora: bool = True, task_weights: dict | None = None, name: str = "train") -> Path:
+                        lora: bool = True, task_weights: dict | None = None, name: str = "train",
+                        batch_size: int = 16) -> Path:
     config = {
         "model": {"model_name_or_path": str(init_dir), "encoder_learning_rate": 0.0, **(NANO_LORA if lora else {})},
         "data": {
@@ -370,7 +468,9 @@ def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
             "output_dir": str(out / name),
             "seed": seed,
             "max_steps": max_steps,
-            "per_device_train_batch_size": 16,
+            "per_device_train_batch_size": batch_size,
+            # batches of similar length: less padding (DeltaVLMTrainer, windows of 4 batches)
+            "train_sampling_strategy": "group_by_length",
             # higher than the paper's 1e-5: the projection starts from scratch, and LoRA adapters take large rates
             "learning_rate": NANO_LEARNING_RATE,
             "weight_decay": 0.05,
@@ -390,8 +490,26 @@ def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
     return path
 
 
-def _measure_step_seconds(model_dir: Path, data_dir: Path, lora: bool = True) -> float:
-    """Seconds per training step at batch 16 on this machine (two timed steps after one warm-up)."""
+def _measure_warmup_step_seconds(model, image_processor, data_dir: Path, batch_size: int = 32) -> float:
+    """Seconds per mask-phase step of the vision warm-up on this machine: both images of `batch_size` pairs through
+    the ViT and the difference module, forward and backward, timed once after one untimed call. The gradients are
+    dropped and the random state restored, so the warm-up that follows is the one it would have been."""
+    from train.vision_warmup import change_pairs
+
+    pairs = change_pairs(data_dir)[:batch_size]  # raises, naming the folder, where there are none
+    timings = []
+    with torch.random.fork_rng():
+        for _ in range(2):
+            begin = time.time()
+            pixel_values = image_processor([(before, after) for before, after, _ in pairs])["pixel_values"]
+            model.get_pair_embeds(pixel_values).pair_embeds.square().mean().backward()
+            timings.append(time.time() - begin)
+    model.zero_grad(set_to_none=True)
+    return timings[-1]
+
+
+def _measure_step_seconds(model_dir: Path, data_dir: Path, lora: bool = True, batch_size: int = 16) -> float:
+    """Seconds per training step at `batch_size` on this machine (two timed steps after one warm-up)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import modeling_deltavlm  # noqa: F401
@@ -409,7 +527,7 @@ def _measure_step_seconds(model_dir: Path, data_dir: Path, lora: bool = True) ->
     # a batch of the training mix (prompt lengths differ a lot between tasks: localization's is the longest);
     # measured against the run at the default budget: 4.8 s estimated, 4.83 s a step actual
     records = load_records(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
-    batch = [records[i % len(records)] for i in range(16)]
+    batch = [records[i % len(records)] for i in range(batch_size)]
     inputs = processor(
         images=[(r["image_before"], r["image_after"]) for r in batch],
         text=[processor.apply_chat_template([{"role": "user", "content": r["questions"][0]}]) for r in batch],

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
-from train.demo import HEADLINE, baseline_scores, build_parser, headline, main, nano_model_card, plot_curve, summary_table
+from train.demo import (
+    HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
+    plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
+)
 from train.synthetic import write_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +118,8 @@ def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_pat
     mixed = yaml.safe_load((out / "train_config.yaml").read_text())
     tail = yaml.safe_load((out / "train-tail_config.yaml").read_text())
     assert mixed["data"]["task_weights"] is None and mixed["training"]["max_steps"] == 2
+    # the default 10-minute budget trains at batch 8 (more updates in a short run)
+    assert mixed["training"]["per_device_train_batch_size"] == tail["training"]["per_device_train_batch_size"] == 8
     assert tail["model"]["model_name_or_path"] == str(out / "model-mixed")
     assert tail["training"]["max_steps"] == 2 and tail["export"]["export_dir"] == str(out / "model")
     assert {task for task, weight in tail["data"]["task_weights"].items() if weight} == {"localization", "count"}
@@ -129,3 +134,60 @@ def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_pat
 def test_focused_tail_share_is_checked(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--focused-tail", "1.0"]) == 2
     assert "--focused-tail must lie in [0, 1)" in capsys.readouterr().err
+
+
+def test_short_budgets_take_smaller_batches_and_fewer_probes():
+    assert train_batch_size(10) == 8 and train_batch_size(SMALL_BATCH_BELOW_MINUTES) == 16
+    # the warm-up keeps its plan where it fits 30% of the budget (the Xeon's 0.9 s mask steps); else a short budget
+    # halves the batch (the EPYC's 2 s steps) and a long one cuts the steps
+    assert size_warm_up(10, 120, step_seconds=0.9) == (120, 32)
+    assert size_warm_up(10, 120, step_seconds=2.0) == (120, 16)
+    assert size_warm_up(60, 720, step_seconds=1.0) == (720, 32)
+    assert size_warm_up(60, 720, step_seconds=2.0) == (385, 32)
+    assert size_warm_up(60, 720, step_seconds=60.0) == (120, 32)  # never below MIN_WARMUP_STEPS
+    assert probes_per_run(10) == 1 and probes_per_run(60) == 3
+    for steps in (1, 2, 3, 7, 20, 40, 41, 661):
+        for probes in (1, 3):
+            every = probe_every(steps, probes)
+            probed = [step for step in range(1, steps) if step % every == 0]  # CurveCallback skips the last step
+            assert len(probed) <= probes
+            if steps >= 2 * (probes + 1):
+                assert len(probed) >= min(probes, 2), (steps, probes, probed)
+
+
+def test_training_stops_at_the_deadline_and_still_exports(tmp_path, synthetic, tiny_model_dir):
+    """A run sized by a step estimate that proves too low stops at the budget's deadline, with its model exported."""
+    import time
+
+    import yaml
+
+    from train.demo import _write_train_config
+    from train.run_train import main as train_main
+
+    config_path = _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=6, seed=0,
+                                      batch_size=2)
+    assert yaml.safe_load(config_path.read_text())["training"]["per_device_train_batch_size"] == 2
+    said = []
+    assert train_main(["--config", str(config_path)], callbacks=[StopAtDeadline(time.time() - 1, said.append)]) == 0
+    assert said == ["the budget's deadline has passed: stopping at step 1 of 6"]
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_warm_up_step_timing_leaves_no_trace(synthetic, tiny_processor):
+    """The demo times a mask-phase step before sizing the warm-up: no gradients left behind, the random state as
+    it was, so the warm-up that follows is the one it would have been."""
+    import torch
+
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from train.demo import _measure_warmup_step_seconds
+
+    from tests.conftest import tiny_config
+
+    model = DeltaVLMForConditionalGeneration(tiny_config()).train()
+    state = torch.get_rng_state()
+    seconds = _measure_warmup_step_seconds(model, tiny_processor.image_processor, synthetic, batch_size=4)
+    assert seconds > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    with pytest.raises(FileNotFoundError, match="no change masks under"):
+        _measure_warmup_step_seconds(model, tiny_processor.image_processor, synthetic / "nowhere")

@@ -315,6 +315,44 @@ def test_encoder_learning_rate_groups(workspace):
         DeltaVLMTrainer(model=model, args=args, encoder_learning_rate=-1.0)
 
 
+def test_group_by_length_batches_samples_of_similar_length_in_short_windows(workspace):
+    """`train_sampling_strategy: group_by_length` reads the samples' `length` column (characters of prompt and
+    answer) and sorts within windows of LENGTH_WINDOW_BATCHES batches: every sample once an epoch, consecutive batches
+    of similar length, and no run-long curriculum from long to short as the Trainer's 50-batch windows give."""
+    from transformers import TrainingArguments
+
+    from train.trainer import LENGTH_WINDOW_BATCHES, DeltaVLMTrainer, WindowedLengthGroupedSampler
+
+    samples = training_samples(workspace)
+    assert samples["length"] == [len(p) + len(a) for p, a in zip(samples["prompt"], samples["answer"])]
+    lengths = list(range(1, 101)) * 2  # 200 samples, batches of 4
+    sampler = WindowedLengthGroupedSampler(4, lengths=lengths)
+    torch.manual_seed(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(200))
+    window = 4 * LENGTH_WINDOW_BATCHES
+    for start in range(0, 200, window):
+        chunk = [lengths[i] for i in order[start : start + window]]
+        # sorted long to short, but for the first place: the Trainer's function swaps the longest sample of all to
+        # the very front (an out-of-memory error shows at once)
+        assert chunk[1:] == sorted(chunk[1:], reverse=True)
+    assert lengths[order[0]] == max(lengths)
+    padding = sum(max(lengths[i] for i in order[b : b + 4]) * 4 - sum(lengths[i] for i in order[b : b + 4])
+                  for b in range(0, 200, 4))
+    assert padding < 0.3 * sum(lengths)  # random batches of 4 pad ~58% of it here, windows of 4 batches ~18%
+    first_windows = [lengths[i] for i in order[:window]], [lengths[i] for i in order[window : 2 * window]]
+    assert min(first_windows[0]) < max(first_windows[1])  # the next window starts long again
+
+    model = load_folder(workspace["model"])
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=2,
+                             train_sampling_strategy="group_by_length")
+    trainer = DeltaVLMTrainer(model=model, args=args, train_dataset=samples)
+    assert isinstance(trainer._get_train_sampler(), WindowedLengthGroupedSampler)
+    plain = DeltaVLMTrainer(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"),
+                            train_dataset=samples)
+    assert not isinstance(plain._get_train_sampler(), WindowedLengthGroupedSampler)
+
+
 # --- 2: two processes (DDP, gloo on CPU) ---
 
 

@@ -351,3 +351,50 @@ def test_mask_augment_changes_what_the_mask_phase_sees_and_is_seeded(synthetic, 
     plain, augmented, again = states
     assert any(not torch.equal(plain[k], augmented[k]) for k in plain)
     assert all(torch.equal(augmented[k], again[k]) for k in augmented)
+
+
+def test_frozen_vision_cache_gives_the_features_of_the_uncached_path(synthetic, tiny_processor):
+    """The Q-Former phase reads the ViT outputs from a cache: the same query outputs, dropout draws included (the
+    difference module runs each call in train mode), whether a pair is cached, new, or beyond `max_pairs`."""
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from train.vision_warmup import FrozenVisionCache
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(tiny_config(difference_dropout=0.5)).train()
+    pairs = [(before, after) for before, after, _ in change_pairs(synthetic)[:3]]
+    text = [tiny_processor.apply_chat_template([{"role": "user", "content": "is there any change?"}])] * 3
+    qformer_ids = tiny_processor(text=text)["qformer_input_ids"]
+    pixel_values = tiny_processor(images=pairs, text=text)["pixel_values"]
+
+    def uncached():
+        torch.manual_seed(7)
+        return model.get_image_features(pixel_values=pixel_values, qformer_input_ids=qformer_ids).query_output
+
+    def cached(cache, batch):
+        torch.manual_seed(7)
+        return model.get_image_features(pair_embeds=cache.pair_embeds(batch), qformer_input_ids=qformer_ids).query_output
+
+    expected = uncached()
+    cache = FrozenVisionCache(model, tiny_processor.image_processor)
+    assert torch.equal(cached(cache, pairs), expected) and len(cache.embeds) == 3  # computed, then kept
+    assert torch.equal(cached(cache, pairs), expected)  # read back
+    small = FrozenVisionCache(model, tiny_processor.image_processor, max_pairs=1)
+    assert torch.equal(cached(small, pairs), expected) and len(small.embeds) == 1
+    assert torch.equal(cached(small, pairs), expected)  # one read back, two recomputed
+    # dropout is live: another seed draws other masks through the cached outputs
+    torch.manual_seed(8)
+    other = model.get_image_features(pair_embeds=cache.pair_embeds(pairs), qformer_input_ids=qformer_ids).query_output
+    assert not torch.equal(other, expected)
+
+
+
+def test_batch_size_is_checked(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=2, batch_size=0, processor=tiny_processor, facts=_train_facts(synthetic))
