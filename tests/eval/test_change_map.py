@@ -121,3 +121,15 @@ def test_mass_in_mask_on_levir_cc_pairs(tiny_model, tiny_processor, shared_dir):
         fraction = mass_in_mask(heat, mask)
         assert 0.0 <= fraction <= 1.0
         print(f"{name}: {fraction:.3f} of the change map's mass in the mask (mask area {np.mean(mask > 0):.3f})")
+
+
+def test_heat_map_ignores_float_noise_but_not_a_real_spread():
+    noise = torch.full((4, 4), 1e-7)
+    noise[0, 0] = 2e-7
+    assert heat_map(noise, (8, 8)).max() == 0  # identical images, batched: ~1e-7 apart on some CPUs
+    baseline = torch.full((4, 4), 50.0)
+    baseline[1, 2] = 50.0 + 1e-4  # within float noise of a score of 50
+    assert heat_map(baseline, (8, 8)).max() == 0
+    real = torch.zeros((4, 4))
+    real[3, 3] = 0.02
+    assert heat_map(real, (8, 8)).max() == pytest.approx(1.0)

@@ -124,7 +124,11 @@ def test_parity_vision_difference_module_qformer_and_projection(image_features, 
         "query_output": image_features.query_output,
         "inputs_llm": image_features.pooler_output,
     }
-    diffs = {name: _max_diff(value, expected[name]) for name, value in checks.items()}
+    # relative to each tensor's scale: the fixture was computed on another CPU, and float32 sums taken in another
+    # order (AVX2 against AVX-512 kernels) put the ViT's hidden states (magnitudes of several units) up to 1.4e-5
+    # apart in absolute terms on a 2-core EPYC (2026-11-27)
+    diffs = {name: _max_diff(value, expected[name]) / max(1.0, expected[name].abs().max().item())
+             for name, value in checks.items()}
     assert max(diffs.values()) <= 1e-5, diffs
 
 
