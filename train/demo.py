@@ -62,7 +62,8 @@ WARMUP_SHARE = 0.3
 # probe had not left "nothing changed" — where 60 reached 0.47.
 MIN_WARMUP_STEPS = 120
 # A warm-up step costs this many times the mask-phase step that `_measure_warmup_step_seconds` times: the Q-Former
-# phase's steps and the held-out scoring cost more (EPYC, 2026-11-27: 120 steps in 324 s against 1.9 s measured).
+# phase's steps and the held-out scoring cost more. On the EPYC (2026-11-27) the timed step read 2.5 s and the
+# 120 steps at batch 32 took 324 s (2.7 s each): 1.4 errs on the side of the budget.
 WARMUP_STEP_FACTOR = 1.4
 # Below this budget the language stage trains at batch 8, from it at 16. On the same warmed-up Nano (10-minute data,
 # 120 warm-up steps; EPYC, 2026-11-27; 40 test records per task, greedy): 20 steps at batch 16 lost to the constant
