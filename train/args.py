@@ -79,6 +79,12 @@ class DataArguments:
                   "'{\"localization\": 3}' on the command line: a sample of a task weighted w appears floor(w) "
                   "times, plus once more with probability w - floor(w); unnamed tasks keep weight 1"},
     )
+    length_window_steps: int = field(
+        default=4,
+        metadata={"help": "with training.train_sampling_strategy group_by_length: optimizer steps per window of "
+                  "samples sorted by length. 1, with gradient_accumulation_steps > 1, keeps each step a random mix "
+                  "and sorts only its own samples into micro-batches by length (short runs: see train.trainer)"},
+    )
     augment: Literal["none", "crop", "geometric"] = field(
         default="none",
         metadata={"help": "paired augmentation (same transform on A and B): crop, or crop + flips/rot90"},

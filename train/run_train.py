@@ -92,6 +92,7 @@ def main(argv=None, callbacks=()) -> int:
         data_collator=collator,
         callbacks=callbacks,
         processor=processor,
+        length_window_steps=data_args.length_window_steps,
         caption_prompt=caption_prompt(data_args.template),
         generation_config={
             "num_beams": eval_args.eval_num_beams,

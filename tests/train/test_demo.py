@@ -118,8 +118,13 @@ def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_pat
     mixed = yaml.safe_load((out / "train_config.yaml").read_text())
     tail = yaml.safe_load((out / "train-tail_config.yaml").read_text())
     assert mixed["data"]["task_weights"] is None and mixed["training"]["max_steps"] == 2
-    # the default 10-minute budget trains at batch 8 (more updates in a short run)
-    assert mixed["training"]["per_device_train_batch_size"] == tail["training"]["per_device_train_batch_size"] == 8
+    # the default 10-minute budget trains at batch 8 (more updates in a short run): each step a random mix of the
+    # tasks, sorted by length into two micro-batches of 4
+    for config in (mixed, tail):
+        training = config["training"]
+        assert training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] == 8
+        assert training["gradient_accumulation_steps"] == 2 and training["train_sampling_strategy"] == "group_by_length"
+        assert config["data"]["length_window_steps"] == 1
     assert tail["model"]["model_name_or_path"] == str(out / "model-mixed")
     assert tail["training"]["max_steps"] == 2 and tail["export"]["export_dir"] == str(out / "model")
     assert {task for task, weight in tail["data"]["task_weights"].items() if weight} == {"localization", "count"}
@@ -166,7 +171,8 @@ def test_training_stops_at_the_deadline_and_still_exports(tmp_path, synthetic, t
 
     config_path = _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=6, seed=0,
                                       batch_size=2)
-    assert yaml.safe_load(config_path.read_text())["training"]["per_device_train_batch_size"] == 2
+    training = yaml.safe_load(config_path.read_text())["training"]
+    assert training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] == 2
     said = []
     assert train_main(["--config", str(config_path)], callbacks=[StopAtDeadline(time.time() - 1, said.append)]) == 0
     assert said == ["the budget's deadline has passed: stopping at step 1 of 6"]
@@ -191,3 +197,24 @@ def test_warm_up_step_timing_leaves_no_trace(synthetic, tiny_processor):
     assert all(parameter.grad is None for parameter in model.parameters())
     with pytest.raises(FileNotFoundError, match="no change masks under"):
         _measure_warmup_step_seconds(model, tiny_processor.image_processor, synthetic / "nowhere")
+
+
+def test_background_generation_writes_what_write_dataset_writes(tmp_path):
+    from train.demo import BackgroundGeneration
+
+    write_dataset(tmp_path / "direct", 6, seed=5)
+    generation = BackgroundGeneration(tmp_path / "background", 6, seed=5, variation="light")
+    generation.wait()
+    for name in ("metadata.json", "LevirCCcaptions.json", "annotations/changechat_train.json"):
+        assert (tmp_path / "background" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+    generation.stop()  # a finished generator: nothing to end
+
+
+def test_background_generation_failure_names_the_folder(tmp_path):
+    from train.demo import BackgroundGeneration
+
+    blocked = tmp_path / "data"
+    blocked.write_text("a file where the data folder should go")
+    generation = BackgroundGeneration(blocked, 4, seed=0, variation="light")
+    with pytest.raises(RuntimeError, match=f"generating the synthetic data in {blocked} failed"):
+        generation.wait()

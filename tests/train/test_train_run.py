@@ -353,6 +353,33 @@ def test_group_by_length_batches_samples_of_similar_length_in_short_windows(work
     assert not isinstance(plain._get_train_sampler(), WindowedLengthGroupedSampler)
 
 
+def test_a_one_step_window_sorts_each_steps_mix_into_micro_batches(workspace):
+    """`length_window_steps: 1` with gradient accumulation: every optimizer step draws a random mix (not a run of
+    one length, i.e. one task), and only its own samples are sorted, long ones into the first micro-batch."""
+    from transformers import TrainingArguments
+
+    from train.trainer import DeltaVLMTrainer, WindowedLengthGroupedSampler
+
+    samples = training_samples(workspace)
+    model = load_folder(workspace["model"])
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, train_sampling_strategy="group_by_length")
+    sampler = DeltaVLMTrainer(model=model, args=args, train_dataset=samples, length_window_steps=1)._get_train_sampler()
+    assert isinstance(sampler, WindowedLengthGroupedSampler) and sampler.window == 1 and sampler.batch_size == 4
+
+    lengths = list(range(1, 101)) * 2
+    sampler = WindowedLengthGroupedSampler(4, lengths=lengths, window=1)
+    torch.manual_seed(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(200))
+    steps = [[lengths[i] for i in order[start : start + 4]] for start in range(0, 200, 4)]
+    assert all(step[1:] == sorted(step[1:], reverse=True) for step in steps)  # the first: the swapped-in longest
+    # each step spans the lengths as a random draw of 4 does, not a narrow band as a long window's batches do
+    assert sum(max(step) - min(step) for step in steps) / len(steps) > 30
+    with pytest.raises(ValueError, match="length_window_steps must be >= 1"):
+        DeltaVLMTrainer(model=model, args=args, length_window_steps=0)
+
+
 # --- 2: two processes (DDP, gloo on CPU) ---
 
 

@@ -398,3 +398,80 @@ def test_batch_size_is_checked(synthetic, tiny_processor):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
                        steps=2, batch_size=0, processor=tiny_processor, facts=_train_facts(synthetic))
+
+
+def test_length_buckets_keep_similar_lengths_together():
+    from train.vision_warmup import length_buckets
+
+    assert length_buckets([12, 51, 16, 13]) == [[0, 3, 2], [1]]
+    assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
+    assert length_buckets([10, 16, 24, 40], max_ratio=1.5) == [[0], [1, 2], [3]]
+    assert length_buckets([]) == []
+
+
+def test_query_outputs_in_length_buckets_are_the_one_batch_outputs(synthetic, tiny_processor):
+    """The Q-Former phase runs short and long instructions apart (less padding): each pair still gets the query
+    output one padded batch gives it, in the batch's order."""
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from train.vision_warmup import FACT_PROMPTS, query_output_in_length_buckets
+
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = DeltaVLMForConditionalGeneration(tiny_config()).eval()
+    pairs = [(before, after) for before, after, _ in change_pairs(synthetic)[:6]]
+    prompts = [tiny_processor.apply_chat_template([{"role": "user", "content": p}]) for p in FACT_PROMPTS]
+    text = [prompts[i] for i in (3, 0, 1, 3, 2, 0)]  # the localization prompt is by far the longest
+    inputs = tiny_processor(images=pairs, text=text)
+    with torch.no_grad():
+        one_batch = model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "qformer_input_ids",
+                                                                      "qformer_attention_mask")}).query_output
+        pair_embeds = model.get_pair_embeds(inputs["pixel_values"]).pair_embeds
+        bucketed = query_output_in_length_buckets(model, tiny_processor, pair_embeds, text)
+    assert bucketed.shape == one_batch.shape
+    torch.testing.assert_close(bucketed, one_batch, atol=1e-5, rtol=1e-4)  # row by row: the order is restored
+
+
+def test_pair_instructions_are_the_prompts_training_gives_each_pair(synthetic):
+    from processing.changechat_data import load_records
+    from train.data import records_to_samples
+    from train.vision_warmup import pair_instructions
+
+    annotations = synthetic / "annotations" / "changechat_train.json"
+    instructions = pair_instructions(annotations, synthetic / "images")
+    samples = records_to_samples(load_records(annotations, synthetic / "images"), captions_per_pair="first")
+    assert sum(len(texts) for texts in instructions.values()) == len(samples)
+    assert set(instructions) == {os.path.realpath(path) for path in samples["image_before"]}
+    first = os.path.realpath(samples[0]["image_before"])
+    assert instructions[first] == [s["prompt"] for s in samples if os.path.realpath(s["image_before"]) == first]
+    # every task's prompts are there, dialogue rounds with their history (longer than any single question)
+    tasks = {s["task"] for s in samples if os.path.realpath(s["image_before"]) == first}
+    assert {"binary", "count", "localization", "dialogue"} <= tasks
+
+
+def test_own_instructions_train_the_qformer_under_each_pairs_prompts(synthetic, tiny_processor):
+    """With `instructions` the Q-Former phase reads each pair's own prompts (other weights come out than under the
+    four fact prompts); with `validation_instructions` the held-out query scores are also given under them."""
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from train.vision_warmup import pair_instructions
+
+    from tests.conftest import tiny_config
+
+    annotations = synthetic / "annotations"
+    validation = pair_facts(annotations / "changechat_val.json", synthetic / "images")
+    validation_instructions = pair_instructions(annotations / "changechat_val.json", synthetic / "images")
+    states, histories = [], []
+    for instructions in (None, pair_instructions(annotations / "changechat_train.json", synthetic / "images")):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        histories.append(warm_up_vision(
+            model, tiny_processor.image_processor, synthetic, steps=2, vision_steps=0, batch_size=4, log_every=1,
+            log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic), instructions=instructions,
+            validation_facts=validation, validation_instructions=validation_instructions, validation_pairs=3))
+        states.append(model.state_dict())
+    assert any(not torch.equal(value, states[1][key]) for key, value in states[0].items() if key.startswith("qformer."))
+    own = {"val_change_accuracy_own", "val_cell_f1_own", "val_road_count_mae_own", "val_building_count_mae_own"}
+    assert all(own <= set(entry) for history in histories for entry in history)
+    with pytest.raises(ValueError, match="validation_instructions need validation_facts"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, processor=tiny_processor,
+                       facts=_train_facts(synthetic), validation_instructions=validation_instructions)
