@@ -218,3 +218,14 @@ def test_background_generation_failure_names_the_folder(tmp_path):
     generation = BackgroundGeneration(blocked, 4, seed=0, variation="light")
     with pytest.raises(RuntimeError, match=f"generating the synthetic data in {blocked} failed"):
         generation.wait()
+
+
+def test_step_timing_runs_training_samples_through_the_collator(synthetic, tiny_model_dir):
+    """The language stage is sized by timing steps of random training samples (dialogue rounds with history), read
+    and encoded as the Trainer's collator does, in the demo's length-sorted micro-batches."""
+    import math
+
+    from train.demo import _measure_step_seconds
+
+    seconds = _measure_step_seconds(tiny_model_dir, synthetic, lora=True, batch_size=4)
+    assert 0 < seconds < 60 and math.isfinite(seconds)
