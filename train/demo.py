@@ -13,6 +13,7 @@ model. `--budget-minutes` trades time for quality.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -71,13 +72,16 @@ WARMUP_STEP_FACTOR = 1.4
 # the time — beat all six (caption 131.2 against 125.4, dialogue 588.9 against 575.3). Early on, updates count
 # more than samples. The longer budgets' numbers in the README were measured at batch 16.
 SMALL_BATCH_BELOW_MINUTES = 30.0
-# What follows the language stage, in its own steps' time (EPYC, 2026-11-27, batch 8 as 2 x 4, 4.4 s a step):
-# evaluating 40 records of each task took 90 s (20 steps; a model that answers more than constants writes longer
-# answers), a curve probe (16 records of three tasks) ~14 s, the answers about a pair, the model card, the copy and
-# the interpreter's start and exit, which the demo's clock does not see, ~30 s.
+# The evaluation and what follows it, in the language stage's steps (EPYC, 2026-11-27, batch 8 as 2 x 4, 4.2-4.9 s
+# a step): evaluating 40 records of each task took 72-90 s (18-21 steps; a model that answers more than constants
+# writes longer answers), the answers about a pair, the model card, the copy and the interpreter's start and exit,
+# which the demo's clock does not see, ~20 s. A curve probe (16 records of three tasks, ~14 s) runs inside the
+# stage's time.
 EVAL_STEPS_PER_RECORD = 0.5
+FINAL_STEPS = 6.0
 PROBE_STEPS = 3.0
-FINAL_STEPS = 7.0
+# With a deadline the Trainer may run up to this many times the estimated steps: the clock ends the run.
+DEADLINE_STEP_ROOM = 1.5
 # A step's samples go through in this many micro-batches, sorted by length (gradient accumulation): 3.6 s against
 # 4.35 for one padded batch of 8 (forward and backward, EPYC, 2026-11-27).
 MICRO_BATCHES = 2
@@ -214,14 +218,15 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
             step_seconds = _measure_step_seconds(init_dir, data_dir, lora=not args.frozen_llm, batch_size=batch_size,
                                                  seed=args.seed)
             elapsed = time.time() - started
-            # what must still fit after the stage: the evaluation, the curve probes, the answers and the copy
-            after = step_seconds * (EVAL_STEPS_PER_RECORD * eval_limit + PROBE_STEPS * probes + FINAL_STEPS)
+            # what must still fit after the stage: the evaluation, the answers and the copy
+            after = step_seconds * (EVAL_STEPS_PER_RECORD * eval_limit + FINAL_STEPS)
             train_seconds = max(60.0, min(TRAIN_SHARE * budget - elapsed * 0.5, budget - elapsed - after))
-            max_steps = max(20, int(train_seconds / step_seconds))
-            # the estimate can be off (other load on the machine): the stage also stops at the budget's deadline
-            deadline = started + budget - after
-            say(f"training {max_steps} steps at batch {batch_size} (~{step_seconds:.1f} s each, "
-                f"{train_seconds / 60:.1f} min)")
+            # the stage ends on the clock (CosineToDeadline): the step count is an estimate, the curve probes
+            # taken out of it
+            deadline = time.time() + train_seconds
+            max_steps = max(20, int(train_seconds / step_seconds - PROBE_STEPS * probes))
+            say(f"training ~{max_steps} steps at batch {batch_size} (~{step_seconds:.1f} s each) for "
+                f"{train_seconds / 60:.1f} min: the learning rate follows the clock to zero")
         share = args.focused_tail
         if share is None:
             share = FOCUSED_TAIL_SHARE if args.budget_minutes >= FOCUSED_TAIL_MIN_MINUTES else 0.0
@@ -392,8 +397,40 @@ class StopAtDeadline(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.time() > self.deadline and state.global_step < state.max_steps:
-            self.say(f"the budget's deadline has passed: stopping at step {state.global_step} of {state.max_steps}")
+            self.say(self.stop_message(state))
             control.should_training_stop = True
+
+    def stop_message(self, state) -> str:
+        return f"the budget's deadline has passed: stopping at step {state.global_step} of {state.max_steps}"
+
+
+class CosineToDeadline(StopAtDeadline):
+    """StopAtDeadline whose learning rate follows the clock: after the Trainer's warm-up steps, a cosine from the
+    peak rate to zero over the time from the run's start to `deadline`, however long the steps take. The Trainer's
+    own cosine counts steps, and a step count sized by a timed step misses on a machine whose speed varies: on the
+    EPYC (2026-11-27) the same code and data timed 4.2 s a step in one run and 4.9 s in the next; the first run's
+    deadline stopped it at step 69 of 75, the second finished its 52 steps with a minute of the budget unused and
+    lost three tasks to the constant baselines the first had beaten. Here the run ends at the deadline with the
+    rate at zero, whatever the speed; `max_steps` is only an upper bound. Replaces the scheduler's `lr_lambdas`
+    (a LambdaLR, as the Trainer's schedulers are), so the logged rate is the one used."""
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise TypeError(f"CosineToDeadline needs the Trainer's LambdaLR scheduler, got {type(lr_scheduler).__name__}")
+        begin = time.time()
+        span = max(1e-3, self.deadline - begin)
+        warmup = args.get_warmup_steps(state.max_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return step / warmup
+            progress = min(1.0, (time.time() - begin) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        lr_scheduler.lr_lambdas = [factor] * len(lr_scheduler.lr_lambdas)
+
+    def stop_message(self, state) -> str:
+        return f"the stage's time is up after {state.global_step} steps (learning rate down to zero)"
 
 
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
@@ -425,13 +462,16 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
                 curve += points
                 minutes_before, steps_before = points[-1]["minutes"], points[-1]["step"]
             continue
-        config_path = _write_train_config(out, source, data_dir, target, steps, args.seed, lora=not args.frozen_llm,
+        # with a deadline the clock ends the run (CosineToDeadline) and `steps` is the estimate: the Trainer gets
+        # room for a machine faster than timed
+        bound = steps if run_deadline is None else math.ceil(DEADLINE_STEP_ROOM * steps)
+        config_path = _write_train_config(out, source, data_dir, target, bound, args.seed, lora=not args.frozen_llm,
                                           task_weights=weights, name=name, batch_size=batch_size)
         # a run followed by another scores its own end: the curve then shows what the tail changed
         probe = CurveCallback(data_dir, processor, every=probe_every(steps, probes), seed=args.seed,
                               minutes_before=minutes_before, steps_before=steps_before,
-                              score_at_end=target != model_dir)
-        callbacks = [probe] + ([StopAtDeadline(run_deadline, say)] if run_deadline else [])
+                              score_at_end=target != model_dir, until=steps)
+        callbacks = [probe] + ([CosineToDeadline(run_deadline, say)] if run_deadline else [])
         code = train_main(["--config", str(config_path)], callbacks=callbacks)
         if code:
             raise RuntimeError(f"training failed with exit code {code}")
@@ -609,8 +649,12 @@ class CurveCallback(TrainerCallback):
     scored, with the training minutes so far. Gives the demo's metric-against-time curve."""
 
     def __init__(self, data_dir: Path, processor, every: int, seed: int = 0, num_records: int = 16,
-                 minutes_before: float = 0.0, steps_before: int = 0, score_at_end: bool = False):
+                 minutes_before: float = 0.0, steps_before: int = 0, score_at_end: bool = False,
+                 until: int | None = None):
         self.processor, self.every, self.points = processor, every, []
+        # probes only before step `until` (default: the run's max_steps), so a run that a deadline ends gets the
+        # probes its time was planned with
+        self.until = until
         # a run that continues an earlier one: its points go after that run's on the curve
         self.minutes_before, self.steps_before, self.score_at_end = minutes_before, steps_before, score_at_end
         self.records = {}
@@ -630,7 +674,7 @@ class CurveCallback(TrainerCallback):
         self.points.append(point)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every or state.global_step == state.max_steps:
+        if state.global_step % self.every or state.global_step >= (self.until or state.max_steps):
             return
         point = self._point(state)
         point.update(quick_scores(model, self.processor, self.records))

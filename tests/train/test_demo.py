@@ -179,6 +179,41 @@ def test_training_stops_at_the_deadline_and_still_exports(tmp_path, synthetic, t
     assert (tmp_path / "model" / "config.json").is_file()
 
 
+def test_learning_rate_follows_the_clock_to_zero_at_the_deadline(tmp_path, synthetic, tiny_model_dir):
+    """CosineToDeadline: however many steps fit, the run ends at the deadline with the rate decayed on the clock
+    (max_steps is only a bound), and the model is exported."""
+    import time
+
+    import yaml
+    from transformers import TrainerCallback
+
+    from train.demo import NANO_LEARNING_RATE, CosineToDeadline, _write_train_config
+    from train.run_train import main as train_main
+
+    class RecordRates(TrainerCallback):
+        rates, steps = [], 0
+
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            self.rates.append(lr_scheduler.get_last_lr()[0])  # the rate the next step will use
+            self.steps = state.global_step
+
+    config_path = _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=100000,
+                                      seed=0, batch_size=2)
+    config = yaml.safe_load(config_path.read_text())
+    config["training"]["warmup_steps"] = 2
+    config_path.write_text(yaml.safe_dump(config))
+    said, record = [], RecordRates()
+    deadline = time.time() + 10
+    assert train_main(["--config", str(config_path)], callbacks=[CosineToDeadline(deadline, said.append), record]) == 0
+    assert time.time() >= deadline and record.steps < 100000
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert said == [f"the stage's time is up after {record.steps} steps (learning rate down to zero)"]
+    # two warm-up steps, then the cosine on the clock: falling step by step, near zero at the deadline
+    decay = record.rates[1:]
+    assert record.rates[1] == pytest.approx(NANO_LEARNING_RATE, rel=0.05) and len(decay) >= 3
+    assert decay == sorted(decay, reverse=True) and decay[-1] < 0.05 * NANO_LEARNING_RATE
+
+
 def test_warm_up_step_timing_leaves_no_trace(synthetic, tiny_processor):
     """The demo times a mask-phase step before sizing the warm-up: no gradients left behind, the random state as
     it was, so the warm-up that follows is the one it would have been."""
@@ -229,3 +264,17 @@ def test_step_timing_runs_training_samples_through_the_collator(synthetic, tiny_
 
     seconds = _measure_step_seconds(tiny_model_dir, synthetic, lora=True, batch_size=4)
     assert 0 < seconds < 60 and math.isfinite(seconds)
+
+
+def test_curve_probes_stop_at_the_planned_step(synthetic, tiny_processor, tiny_model):
+    """A run that the clock ends has max_steps as a bound only: the curve is probed at the planned steps, not past
+    them (a probe there would take time the budget did not plan)."""
+    from types import SimpleNamespace
+
+    from train.demo import CurveCallback
+
+    probe = CurveCallback(synthetic, tiny_processor, every=2, num_records=2, until=4)
+    probe.on_train_begin(None, None, None)
+    for step in range(1, 9):
+        probe.on_step_end(None, SimpleNamespace(global_step=step, max_steps=100), None, model=tiny_model)
+    assert [point["step"] for point in probe.points] == [2]
