@@ -72,13 +72,13 @@ WARMUP_STEP_FACTOR = 1.4
 # the time — beat all six (caption 131.2 against 125.4, dialogue 588.9 against 575.3). Early on, updates count
 # more than samples. The longer budgets' numbers in the README were measured at batch 16.
 SMALL_BATCH_BELOW_MINUTES = 30.0
-# The evaluation and what follows it, in the language stage's steps (EPYC, 2026-11-27, batch 8 as 2 x 4, 4.2-4.9 s
-# a step): evaluating 40 records of each task took 72-90 s (18-21 steps; a model that answers more than constants
+# The evaluation and what follows it, in the language stage's steps (EPYC, 2026-11-27, batch 8 as 2 x 4, 4.1-4.9 s
+# a step): evaluating 40 records of each task took 66-90 s (16-21 steps; a model that answers more than constants
 # writes longer answers), the answers about a pair, the model card, the copy and the interpreter's start and exit,
-# which the demo's clock does not see, ~20 s. A curve probe (16 records of three tasks, ~14 s) runs inside the
-# stage's time.
-EVAL_STEPS_PER_RECORD = 0.5
-FINAL_STEPS = 6.0
+# which the demo's clock does not see, ~15 s. At 0.5 and 6 the run ended at 9.2 min with the evaluation at 66 s.
+# A curve probe (16 records of three tasks, ~14 s) runs inside the stage's time.
+EVAL_STEPS_PER_RECORD = 0.45
+FINAL_STEPS = 5.0
 PROBE_STEPS = 3.0
 # With a deadline the Trainer may run up to this many times the estimated steps: the clock ends the run.
 DEADLINE_STEP_ROOM = 1.5
