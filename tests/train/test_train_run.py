@@ -419,6 +419,26 @@ def test_two_process_run_matches_one_process(workspace, tmp_path):
     assert (double / "final" / "model.safetensors").is_file()
 
 
+def test_length_sorted_micro_batches_take_the_steps_of_one_batch(workspace, tmp_path):
+    """The demo's steps: a step's samples sorted by length into micro-batches (`length_window_steps: 1`, gradient
+    accumulation). The Trainer scales the loss by the step's token count, not per micro-batch, so 2 x 2 takes the
+    same steps as one batch of 4 up to float rounding (SGD: the weights compare the gradients; dropout off)."""
+    training = {"max_steps": 2, "save_steps": 2, "optim": "sgd", "learning_rate": 0.5,
+                "train_sampling_strategy": "group_by_length"}
+    runs = {}
+    for name, batch, accumulation in (("one", 4, 1), ("micro", 2, 2)):
+        config = write_config(tmp_path / f"{name}.yaml", workspace, tmp_path / name, data={"length_window_steps": 1},
+                              training={**training, "per_device_train_batch_size": batch,
+                                        "gradient_accumulation_steps": accumulation},
+                              model_folder=workspace["model_no_dropout"])
+        run_main(config)
+        runs[name] = checkpoint_weights(tmp_path / name / "checkpoint-2")
+    initial = load_folder(workspace["model_no_dropout"]).state_dict()
+    max_diff = max((runs["one"][k] - runs["micro"][k]).abs().max().item() for k in runs["one"])
+    max_update = max((runs["one"][k] - initial[k]).abs().max().item() for k in runs["one"])
+    assert max_diff < 1e-5 and max_update > 1e-3
+
+
 # --- set-up pieces: InstructBLIP init, optimizer grouping, mixed precision, referenced-LLM export ---
 
 
