@@ -542,6 +542,9 @@ NANO_LEARNING_RATE = 1e-3
 def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int,
                         lora: bool = True, task_weights: dict | None = None, name: str = "train",
                         batch_size: int = 16) -> Path:
+    if batch_size % MICRO_BATCHES:
+        raise ValueError(f"the demo's batch size must be a multiple of {MICRO_BATCHES} (its micro-batches), "
+                         f"got {batch_size}")
     config = {
         "model": {"model_name_or_path": str(init_dir), "encoder_learning_rate": 0.0, **(NANO_LORA if lora else {})},
         "data": {

@@ -278,3 +278,11 @@ def test_curve_probes_stop_at_the_planned_step(synthetic, tiny_processor, tiny_m
     for step in range(1, 9):
         probe.on_step_end(None, SimpleNamespace(global_step=step, max_steps=100), None, model=tiny_model)
     assert [point["step"] for point in probe.points] == [2]
+
+
+def test_the_demo_batch_must_split_into_its_micro_batches(tmp_path, synthetic, tiny_model_dir):
+    from train.demo import MICRO_BATCHES, _write_train_config
+
+    with pytest.raises(ValueError, match=f"multiple of {MICRO_BATCHES}"):
+        _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=2, seed=0,
+                            batch_size=MICRO_BATCHES + 1)
