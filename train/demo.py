@@ -87,6 +87,9 @@ DEADLINE_STEP_ROOM = 1.5
 MICRO_BATCHES = 2
 # the evaluation's generation batch (one batch a task at the default 40 records; 94 s against 127 s at 16 on the EPYC)
 EVAL_BATCH_SIZE = 40
+# projection alignment after the warm-up (train.projection_alignment): examples and steps, ~15 s on the EPYC
+ALIGNMENT_EXAMPLES = 512
+ALIGNMENT_STEPS = 300
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-difference-module", action="store_true", help="train Nano with CSRM switched off")
     parser.add_argument("--frozen-llm", action="store_true",
                         help="no LoRA adapters on the language model (the paper's set-up; learns far slower at this size)")
+    parser.add_argument("--no-projection-alignment", action="store_true",
+                        help="skip aligning the language projection with the answers' tokens after the warm-up")
     parser.add_argument("--before", help="a real before image to ask about at the end")
     parser.add_argument("--after", help="the matching after image")
     parser.add_argument("--eval-limit", type=int, default=None, help="test records per task (default: from the budget)")
@@ -165,7 +170,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
     init_dir = out / "nano-init"
     if not (init_dir / "config.json").is_file():
         from modeling_deltavlm.build_nano import build_nano
-        from train.vision_warmup import pair_facts, warm_up_vision
+        from train.vision_warmup import FrozenVisionCache, pair_facts, warm_up_vision
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
@@ -189,11 +194,15 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         # held-out probe scores in the log (val split): what the queries carry before the language stage
         validation_file = data_dir / "annotations" / "changechat_val.json"
         validation_facts = pair_facts(validation_file, data_dir / "images") if validation_file.is_file() else None
+        vision_cache = FrozenVisionCache(model, processor.image_processor)
         history = warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
                                  batch_size=warmup_batch,
                                  vision_learning_rate=VISION_LEARNING_RATE,
                                  log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
-                                 validation_facts=validation_facts, validation_pairs=32)
+                                 validation_facts=validation_facts, validation_pairs=32, vision_cache=vision_cache)
+        if not args.no_projection_alignment:
+            history.append({"phase": "projection", **_align_projection(model, processor, data_dir, vision_cache,
+                                                                        args.seed, say)})
         (out / "warmup.json").write_text(json.dumps(history, indent=2))
         model.save_pretrained(init_dir)
         processor.save_pretrained(init_dir)
@@ -353,6 +362,14 @@ class BackgroundGeneration:
 FOCUSED_TAIL_SHARE = 0.25
 FOCUSED_TAIL_MIN_MINUTES = 30.0
 FOCUSED_TAIL_WEIGHTS = {"localization": 1.0, "count": 1.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
+# Without a tail (short budgets), the mixed run samples localization twice as often as the file holds it. The data
+# asks it once a pair while the binary and count questions come back in the dialogues' rounds (12% of the samples
+# against 37% dialogue rounds), and ~50 steps at batch 8 then answered every localization question with empty lists:
+# teacher-forced, the token that opens a building list got 4% on unchanged pairs and 15-46% on changed ones, against
+# 42% of the training answers. From one warm-up on the EPYC (2026-11-27, 50 steps, 40 test records): localization
+# tied the empty baseline in all 5 runs at the file's mix and beat it in all 6 at twice the share (10.9-30.5
+# micro-F1); which other task fell to its baseline in a given run varied (docs/nano_experiments.md).
+UNTAILED_TASK_WEIGHTS = {"localization": 2.0}
 
 
 def train_batch_size(budget_minutes: float) -> int:
@@ -438,7 +455,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
                         deadline: float | None = None, tail_seconds: float = 0.0) -> list[dict]:
     """The Trainer runs of the language stage; returns the curve points (minutes and steps count on across runs).
 
-    `mixed_steps` on the training file's task mix, then (if `tail_steps`) a second run from the merged result on
+    `mixed_steps` on the training file's task mix (localization weighted by UNTAILED_TASK_WEIGHTS when there is no
+    tail), then (if `tail_steps`) a second run from the merged result on
     localization and count answers only (FOCUSED_TAIL_WEIGHTS) with fresh adapters. The mixed model is kept in
     `out/model-mixed` so that an interrupted tail reruns alone. With `deadline`, the tail stops there and the mixed
     run `tail_seconds` before it.
@@ -448,8 +466,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
     from train.run_train import main as train_main
 
     processor = AutoProcessor.from_pretrained(init_dir)
-    runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps, None,
-             deadline - tail_seconds if deadline else None)]
+    runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps,
+             None if tail_steps else UNTAILED_TASK_WEIGHTS, deadline - tail_seconds if deadline else None)]
     if tail_steps:
         say(f"the last {tail_steps} steps: localization and count answers only (a focused tail)")
         runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS, deadline))
@@ -537,6 +555,19 @@ NANO_LORA = {
     "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 NANO_LEARNING_RATE = 1e-3
+
+
+def _align_projection(model, processor, data_dir: Path, vision_cache, seed: int, say) -> dict:
+    """The language projection, aligned with the training answers' tokens (train.projection_alignment) on
+    ALIGNMENT_EXAMPLES single-round samples rendered as the language stage renders them."""
+    from processing.changechat_data import load_records
+    from train.data import records_to_samples
+    from train.projection_alignment import align_projection, alignment_examples
+
+    records = load_records(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
+    examples = alignment_examples(records_to_samples(records, captions_per_pair="first"), ALIGNMENT_EXAMPLES, seed)
+    return align_projection(model, processor, examples, steps=ALIGNMENT_STEPS, seed=seed,
+                            vision_cache=vision_cache, log=say)
 
 
 def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int,

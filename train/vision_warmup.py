@@ -347,6 +347,7 @@ def warm_up_vision(
     mask_augment: bool = False,
     instructions: dict[str, list[str]] | None = None,
     validation_instructions: dict[str, list[str]] | None = None,
+    vision_cache: "FrozenVisionCache | None" = None,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -392,6 +393,9 @@ def warm_up_vision(
     localization prompt; with `validation_instructions` (from `pair_instructions` on the validation annotations)
     the Q-Former phase's entries also give them under each pair's own prompts, the k-th held-out pair under its
     (k mod n)-th of n (keys ending in `_own`): what the language stage's varied questions get from the queries.
+
+    `vision_cache` (an empty `FrozenVisionCache` of this model) is the one the Q-Former phase fills, for a caller
+    that reads the frozen vision side again afterwards (`train.projection_alignment`).
     """
     pairs = change_pairs(data_dir)
     vision = model.config.vision_config
@@ -445,7 +449,9 @@ def warm_up_vision(
         covered = sum(os.path.realpath(before) in facts for before, _, _ in pairs)
         if not covered:
             raise ValueError("warm_up_vision: none of the labelled pairs has facts in the annotations given")
-    vision_cache = FrozenVisionCache(model, image_processor)
+    if vision_cache is not None and vision_cache.embeds:
+        raise ValueError("warm_up_vision: vision_cache must start empty (it holds the ViT after the mask phase)")
+    vision_cache = vision_cache if vision_cache is not None else FrozenVisionCache(model, image_processor)
     held_out, own_prompts = [], None
     if validation_instructions and not validation_facts:
         raise ValueError("warm_up_vision: validation_instructions need validation_facts (the held-out pairs' facts)")

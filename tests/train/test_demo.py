@@ -1,6 +1,7 @@
 """`deltavlm demo`: its scoring pieces on a small synthetic set (fast), and the whole run on a tiny budget (slow)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from PIL import Image
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
     HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
-    plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
+    UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
 )
 from train.synthetic import write_dataset
 
@@ -86,9 +87,11 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert (generation["num_beams"], generation["repetition_penalty"], generation["max_new_tokens"]) == (1, 1.0, NANO_MAX_NEW_TOKENS)
     saved = json.loads((tmp_path / "home" / "generation_config.json").read_text())
     assert (saved["num_beams"], saved["repetition_penalty"], saved["max_new_tokens"]) == (1, 1.0, NANO_MAX_NEW_TOKENS)
-    # the warm-up ran its two phases: masks first, then the Q-Former on the facts
-    phases = [entry["phase"] for entry in json.loads((out / "warmup.json").read_text())]
-    assert phases[0] == "vision" and phases[-1] == "qformer"
+    # the warm-up ran its two phases, masks first, then the Q-Former on the facts; then the projection was aligned
+    warmup = json.loads((out / "warmup.json").read_text())
+    phases = [entry["phase"] for entry in warmup]
+    assert phases[0] == "vision" and phases[-2] == "qformer" and phases[-1] == "projection"
+    assert warmup[-1]["loss_end"] < warmup[-1]["loss_start"]
 
     # an interrupted run resumes from what it left: a fresh process (no Auto classes registered by building Nano)
     # reuses the data and the warmed-up Nano and redoes only the missing training stage
@@ -99,6 +102,25 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "reusing the warmed-up Nano" in rerun.stdout and "training 2 steps" in rerun.stdout
     assert (out / "model" / "config.json").is_file()
+
+
+def test_a_run_without_tail_samples_localization_twice(tmp_path, synthetic, tiny_model_dir, caplog):
+    """Short budgets have no focused tail: their one Trainer run weights localization by UNTAILED_TASK_WEIGHTS."""
+    import logging
+
+    import yaml
+
+    out = tmp_path / "demo"
+    shutil.copytree(synthetic, out / "data")
+    shutil.copytree(tiny_model_dir, out / "nano-init")
+    with caplog.at_level(logging.INFO, logger="deltavlm.train"):
+        assert main(["--out", str(out), "--train-steps", "2", "--eval-limit", "2", "--no-save"]) == 0
+    config = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert config["data"]["task_weights"] == UNTAILED_TASK_WEIGHTS == {"localization": 2.0}
+    assert not (out / "train-tail_config.yaml").exists()
+    mix = next(record.getMessage() for record in caplog.records if "training mix" in record.getMessage())
+    shares = dict(re.findall(r"(\w+) (\d+) \(", mix))
+    assert int(shares["localization"]) == 2 * int(shares["binary"])  # one record of each a pair in the file
 
 
 def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_path, synthetic, tiny_model_dir, capsys):
