@@ -76,8 +76,10 @@ SMALL_BATCH_BELOW_MINUTES = 30.0
 # a step): evaluating 40 records of each task took 66-90 s (16-21 steps; a model that answers more than constants
 # writes longer answers), the answers about a pair, the model card, the copy and the interpreter's start and exit,
 # which the demo's clock does not see, ~15 s. At 0.5 and 6 the run ended at 9.2 min with the evaluation at 66 s.
+# A model whose localization answers list cells took 96 s (and the answers ~25 s) at ~4.6 s a step: 0.45 ended that
+# run at 10.2 min; 0.55 would have kept it inside with the deadline following the run's own step time.
 # A curve probe (16 records of three tasks, ~14 s) runs inside the stage's time.
-EVAL_STEPS_PER_RECORD = 0.45
+EVAL_STEPS_PER_RECORD = 0.55
 FINAL_STEPS = 5.0
 PROBE_STEPS = 3.0
 # With a deadline the Trainer may run up to this many times the estimated steps: the clock ends the run.
@@ -219,7 +221,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
     batch_size = train_batch_size(args.budget_minutes)
     probes = probes_per_run(args.budget_minutes)
     if not (model_dir / "config.json").is_file():
-        deadline = None
+        deadline, steps_after = None, 0.0
         if args.train_steps:
             max_steps = args.train_steps
             say(f"training {max_steps} steps at batch {batch_size}")
@@ -228,7 +230,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
                                                  seed=args.seed)
             elapsed = time.time() - started
             # what must still fit after the stage: the evaluation, the answers and the copy
-            after = step_seconds * (EVAL_STEPS_PER_RECORD * eval_limit + FINAL_STEPS)
+            steps_after = EVAL_STEPS_PER_RECORD * eval_limit + FINAL_STEPS
+            after = step_seconds * steps_after
             train_seconds = max(60.0, min(TRAIN_SHARE * budget - elapsed * 0.5, budget - elapsed - after))
             # the stage ends on the clock (CosineToDeadline): the step count is an estimate, the curve probes
             # taken out of it
@@ -242,7 +245,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         tail_steps = min(int(round(share * max_steps)), max_steps - 1)  # the mixed run keeps at least one step
         curve = _instruction_tuning(out, init_dir, data_dir, model_dir, max_steps - tail_steps, tail_steps, args, say,
                                     batch_size=batch_size, probes=probes, deadline=deadline,
-                                    tail_seconds=tail_steps * step_seconds if deadline else 0.0)
+                                    tail_seconds=tail_steps * step_seconds if deadline else 0.0,
+                                    budget_end=started + budget if deadline else None, steps_after=steps_after)
         (out / "curve.json").write_text(json.dumps(curve, indent=2))
     else:
         say(f"reusing the trained model in {model_dir}")
@@ -429,22 +433,45 @@ class CosineToDeadline(StopAtDeadline):
     deadline stopped it at step 69 of 75, the second finished its 52 steps with a minute of the budget unused and
     lost three tasks to the constant baselines the first had beaten. Here the run ends at the deadline with the
     rate at zero, whatever the speed; `max_steps` is only an upper bound. Replaces the scheduler's `lr_lambdas`
-    (a LambdaLR, as the Trainer's schedulers are), so the logged rate is the one used."""
+    (a LambdaLR, as the Trainer's schedulers are), so the logged rate is the one used.
+
+    With `budget_end` (a time.time() value) the deadline also moves earlier, never later, to leave `steps_after`
+    steps' worth of time before `budget_end` at the median step time seen so far (from the third step): what
+    follows the stage (the evaluation) slows down with the machine, and the step the demo timed before the run is
+    an estimate. On the EPYC (2026-11-27) a run timed 3.6 s a step and took 4.4-5.0 s, and the demo ended at 10.2
+    minutes of a 10-minute budget."""
+
+    def __init__(self, deadline: float, say=print, budget_end: float | None = None, steps_after: float = 0.0):
+        super().__init__(deadline, say)
+        if steps_after < 0:
+            raise ValueError(f"CosineToDeadline: steps_after must be >= 0, got {steps_after}")
+        self.budget_end, self.steps_after = budget_end, steps_after
+        self.step_seconds: list[float] = []
+        self._last_step_end = None
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             raise TypeError(f"CosineToDeadline needs the Trainer's LambdaLR scheduler, got {type(lr_scheduler).__name__}")
-        begin = time.time()
-        span = max(1e-3, self.deadline - begin)
+        begin = self._last_step_end = time.time()
         warmup = args.get_warmup_steps(state.max_steps)
 
         def factor(step: int) -> float:
             if step < warmup:
                 return step / warmup
-            progress = min(1.0, (time.time() - begin) / span)
+            progress = min(1.0, (time.time() - begin) / max(1e-3, self.deadline - begin))
             return 0.5 * (1.0 + math.cos(math.pi * progress))
 
         lr_scheduler.lr_lambdas = [factor] * len(lr_scheduler.lr_lambdas)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        if self._last_step_end is not None:
+            self.step_seconds.append(now - self._last_step_end)
+        self._last_step_end = now
+        if self.budget_end is not None and len(self.step_seconds) >= 3:
+            median = sorted(self.step_seconds)[len(self.step_seconds) // 2]  # a curve probe's step is an outlier
+            self.deadline = min(self.deadline, self.budget_end - self.steps_after * median)
+        super().on_step_end(args, state, control, **kwargs)
 
     def stop_message(self, state) -> str:
         return f"the stage's time is up after {state.global_step} steps (learning rate down to zero)"
@@ -452,14 +479,16 @@ class CosineToDeadline(StopAtDeadline):
 
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
                         tail_steps: int, args, say, batch_size: int = 16, probes: int = 3,
-                        deadline: float | None = None, tail_seconds: float = 0.0) -> list[dict]:
+                        deadline: float | None = None, tail_seconds: float = 0.0, budget_end: float | None = None,
+                        steps_after: float = 0.0) -> list[dict]:
     """The Trainer runs of the language stage; returns the curve points (minutes and steps count on across runs).
 
     `mixed_steps` on the training file's task mix (localization weighted by UNTAILED_TASK_WEIGHTS when there is no
     tail), then (if `tail_steps`) a second run from the merged result on
     localization and count answers only (FOCUSED_TAIL_WEIGHTS) with fresh adapters. The mixed model is kept in
     `out/model-mixed` so that an interrupted tail reruns alone. With `deadline`, the tail stops there and the mixed
-    run `tail_seconds` before it.
+    run `tail_seconds` before it. With `budget_end`, each run's deadline also keeps `steps_after` steps (the tail's
+    steps too, for the mixed run before one) before it at the run's own step time (CosineToDeadline).
     """
     from transformers import AutoProcessor
 
@@ -467,12 +496,14 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
 
     processor = AutoProcessor.from_pretrained(init_dir)
     runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps,
-             None if tail_steps else UNTAILED_TASK_WEIGHTS, deadline - tail_seconds if deadline else None)]
+             None if tail_steps else UNTAILED_TASK_WEIGHTS, deadline - tail_seconds if deadline else None,
+             steps_after + tail_steps)]
     if tail_steps:
         say(f"the last {tail_steps} steps: localization and count answers only (a focused tail)")
-        runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS, deadline))
+        runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS, deadline,
+                     steps_after))
     curve, minutes_before, steps_before = [], 0.0, 0
-    for name, source, target, steps, weights, run_deadline in runs:
+    for name, source, target, steps, weights, run_deadline, run_steps_after in runs:
         if (target / "config.json").is_file():
             say(f"reusing {target}")
             if (out / f"curve-{name}.json").is_file():
@@ -489,7 +520,7 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
         probe = CurveCallback(data_dir, processor, every=probe_every(steps, probes), seed=args.seed,
                               minutes_before=minutes_before, steps_before=steps_before,
                               score_at_end=target != model_dir, until=steps)
-        callbacks = [probe] + ([CosineToDeadline(run_deadline, say)] if run_deadline else [])
+        callbacks = [probe] + ([CosineToDeadline(run_deadline, say, budget_end, run_steps_after)] if run_deadline else [])
         code = train_main(["--config", str(config_path)], callbacks=callbacks)
         if code:
             raise RuntimeError(f"training failed with exit code {code}")

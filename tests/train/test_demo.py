@@ -236,6 +236,39 @@ def test_learning_rate_follows_the_clock_to_zero_at_the_deadline(tmp_path, synth
     assert decay == sorted(decay, reverse=True) and decay[-1] < 0.05 * NANO_LEARNING_RATE
 
 
+def test_the_deadline_moves_earlier_to_leave_the_evaluation_its_steps(tmp_path, synthetic, tiny_model_dir):
+    """With budget_end, CosineToDeadline keeps `steps_after` steps' worth of the run's own median step time before
+    the budget's end: slower steps than timed move the deadline earlier, never later."""
+    import time
+
+    from train.demo import CosineToDeadline, _write_train_config
+    from train.run_train import main as train_main
+
+    config_path = _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=100000,
+                                      seed=0, batch_size=2)
+    begin = time.time()
+    planned = begin + 120
+    # far more steps after the stage than fit: the deadline passes as soon as three steps are timed
+    callback = CosineToDeadline(planned, lambda _: None, budget_end=planned, steps_after=1e6)
+    assert train_main(["--config", str(config_path)], callbacks=[callback]) == 0
+    assert len(callback.step_seconds) == 3 and callback.deadline < begin
+    assert time.time() - begin < 100 and (tmp_path / "model" / "config.json").is_file()
+    # with room to spare the deadline stays where it was
+    roomy = CosineToDeadline(planned, lambda _: None, budget_end=planned + 1e6, steps_after=1.0)
+    roomy.step_seconds, roomy._last_step_end = [0.1, 0.2, 0.3], time.time()
+
+    class Control:
+        should_training_stop = False
+
+    class State:
+        global_step, max_steps = 4, 10
+
+    roomy.on_step_end(None, State(), Control())
+    assert roomy.deadline == planned
+    with pytest.raises(ValueError, match="steps_after"):
+        CosineToDeadline(planned, steps_after=-1)
+
+
 def test_warm_up_step_timing_leaves_no_trace(synthetic, tiny_processor):
     """The demo times a mask-phase step before sizing the warm-up: no gradients left behind, the random state as
     it was, so the warm-up that follows is the one it would have been."""
