@@ -221,7 +221,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
     batch_size = train_batch_size(args.budget_minutes)
     probes = probes_per_run(args.budget_minutes)
     if not (model_dir / "config.json").is_file():
-        deadline, steps_after = None, 0.0
+        deadline, latest, steps_after = None, None, 0.0
         if args.train_steps:
             max_steps = args.train_steps
             say(f"training {max_steps} steps at batch {batch_size}")
@@ -236,6 +236,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
             # the stage ends on the clock (CosineToDeadline): the step count is an estimate, the curve probes
             # taken out of it
             deadline = time.time() + train_seconds
+            latest = time.time() + max(60.0, TRAIN_SHARE * budget - elapsed * 0.5)  # the share it may grow to
             max_steps = max(20, int(train_seconds / step_seconds - PROBE_STEPS * probes))
             say(f"training ~{max_steps} steps at batch {batch_size} (~{step_seconds:.1f} s each) for "
                 f"{train_seconds / 60:.1f} min: the learning rate follows the clock to zero")
@@ -246,7 +247,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         curve = _instruction_tuning(out, init_dir, data_dir, model_dir, max_steps - tail_steps, tail_steps, args, say,
                                     batch_size=batch_size, probes=probes, deadline=deadline,
                                     tail_seconds=tail_steps * step_seconds if deadline else 0.0,
-                                    budget_end=started + budget if deadline else None, steps_after=steps_after)
+                                    budget_end=started + budget if deadline else None, steps_after=steps_after,
+                                    latest=latest)
         (out / "curve.json").write_text(json.dumps(curve, indent=2))
     else:
         say(f"reusing the trained model in {model_dir}")
@@ -435,17 +437,20 @@ class CosineToDeadline(StopAtDeadline):
     rate at zero, whatever the speed; `max_steps` is only an upper bound. Replaces the scheduler's `lr_lambdas`
     (a LambdaLR, as the Trainer's schedulers are), so the logged rate is the one used.
 
-    With `budget_end` (a time.time() value) the deadline also moves earlier, never later, to leave `steps_after`
-    steps' worth of time before `budget_end` at the median step time seen so far (from the third step): what
-    follows the stage (the evaluation) slows down with the machine, and the step the demo timed before the run is
-    an estimate. On the EPYC (2026-11-27) a run timed 3.6 s a step and took 4.4-5.0 s, and the demo ended at 10.2
-    minutes of a 10-minute budget."""
+    With `budget_end` (a time.time() value) the deadline then follows the run's own median step time (from the
+    third step) so as to leave `steps_after` steps' worth of time before `budget_end`, never past `latest`
+    (default: the deadline given): what follows the stage (the evaluation) slows down and speeds up with the
+    machine, and the step the demo timed before the run is an estimate. On the EPYC (2026-11-27) one run timed
+    3.6 s a step and took 4.4-5.0 s, and the demo ended at 10.2 minutes of a 10-minute budget; the next timed 5.3 s
+    and took ~4.7, and left 0.8 minutes unused."""
 
-    def __init__(self, deadline: float, say=print, budget_end: float | None = None, steps_after: float = 0.0):
+    def __init__(self, deadline: float, say=print, budget_end: float | None = None, steps_after: float = 0.0,
+                 latest: float | None = None):
         super().__init__(deadline, say)
         if steps_after < 0:
             raise ValueError(f"CosineToDeadline: steps_after must be >= 0, got {steps_after}")
         self.budget_end, self.steps_after = budget_end, steps_after
+        self.latest = deadline if latest is None else max(deadline, latest)
         self.step_seconds: list[float] = []
         self._last_step_end = None
 
@@ -470,7 +475,7 @@ class CosineToDeadline(StopAtDeadline):
         self._last_step_end = now
         if self.budget_end is not None and len(self.step_seconds) >= 3:
             median = sorted(self.step_seconds)[len(self.step_seconds) // 2]  # a curve probe's step is an outlier
-            self.deadline = min(self.deadline, self.budget_end - self.steps_after * median)
+            self.deadline = min(self.latest, self.budget_end - self.steps_after * median)
         super().on_step_end(args, state, control, **kwargs)
 
     def stop_message(self, state) -> str:
@@ -480,7 +485,7 @@ class CosineToDeadline(StopAtDeadline):
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
                         tail_steps: int, args, say, batch_size: int = 16, probes: int = 3,
                         deadline: float | None = None, tail_seconds: float = 0.0, budget_end: float | None = None,
-                        steps_after: float = 0.0) -> list[dict]:
+                        steps_after: float = 0.0, latest: float | None = None) -> list[dict]:
     """The Trainer runs of the language stage; returns the curve points (minutes and steps count on across runs).
 
     `mixed_steps` on the training file's task mix (localization weighted by UNTAILED_TASK_WEIGHTS when there is no
@@ -488,7 +493,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
     localization and count answers only (FOCUSED_TAIL_WEIGHTS) with fresh adapters. The mixed model is kept in
     `out/model-mixed` so that an interrupted tail reruns alone. With `deadline`, the tail stops there and the mixed
     run `tail_seconds` before it. With `budget_end`, each run's deadline also keeps `steps_after` steps (the tail's
-    steps too, for the mixed run before one) before it at the run's own step time (CosineToDeadline).
+    steps too, for the mixed run before one) before it at the run's own step time, never past `latest` (less the
+    tail's time for the mixed run; CosineToDeadline).
     """
     from transformers import AutoProcessor
 
@@ -497,13 +503,13 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
     processor = AutoProcessor.from_pretrained(init_dir)
     runs = [("train", init_dir, out / "model-mixed" if tail_steps else model_dir, mixed_steps,
              None if tail_steps else UNTAILED_TASK_WEIGHTS, deadline - tail_seconds if deadline else None,
-             steps_after + tail_steps)]
+             steps_after + tail_steps, latest - tail_seconds if latest else None)]
     if tail_steps:
         say(f"the last {tail_steps} steps: localization and count answers only (a focused tail)")
         runs.append(("train-tail", out / "model-mixed", model_dir, tail_steps, FOCUSED_TAIL_WEIGHTS, deadline,
-                     steps_after))
+                     steps_after, latest))
     curve, minutes_before, steps_before = [], 0.0, 0
-    for name, source, target, steps, weights, run_deadline, run_steps_after in runs:
+    for name, source, target, steps, weights, run_deadline, run_steps_after, run_latest in runs:
         if (target / "config.json").is_file():
             say(f"reusing {target}")
             if (out / f"curve-{name}.json").is_file():
@@ -520,7 +526,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
         probe = CurveCallback(data_dir, processor, every=probe_every(steps, probes), seed=args.seed,
                               minutes_before=minutes_before, steps_before=steps_before,
                               score_at_end=target != model_dir, until=steps)
-        callbacks = [probe] + ([CosineToDeadline(run_deadline, say, budget_end, run_steps_after)] if run_deadline else [])
+        callbacks = [probe] + ([CosineToDeadline(run_deadline, say, budget_end, run_steps_after, run_latest)]
+                               if run_deadline else [])
         code = train_main(["--config", str(config_path)], callbacks=callbacks)
         if code:
             raise RuntimeError(f"training failed with exit code {code}")

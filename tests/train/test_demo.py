@@ -238,7 +238,7 @@ def test_learning_rate_follows_the_clock_to_zero_at_the_deadline(tmp_path, synth
 
 def test_the_deadline_moves_earlier_to_leave_the_evaluation_its_steps(tmp_path, synthetic, tiny_model_dir):
     """With budget_end, CosineToDeadline keeps `steps_after` steps' worth of the run's own median step time before
-    the budget's end: slower steps than timed move the deadline earlier, never later."""
+    the budget's end: slower steps than timed move the deadline earlier, faster ones later, up to `latest`."""
     import time
 
     from train.demo import CosineToDeadline, _write_train_config
@@ -265,6 +265,15 @@ def test_the_deadline_moves_earlier_to_leave_the_evaluation_its_steps(tmp_path, 
 
     roomy.on_step_end(None, State(), Control())
     assert roomy.deadline == planned
+    # faster steps than timed: the deadline moves later, up to `latest`
+    later = CosineToDeadline(planned, lambda _: None, budget_end=planned + 1e6, steps_after=1.0, latest=planned + 30)
+    later.step_seconds, later._last_step_end = [0.1, 0.2, 0.3], time.time()
+    later.on_step_end(None, State(), Control())
+    assert later.deadline == planned + 30
+    nearer = CosineToDeadline(planned, lambda _: None, budget_end=planned + 40, steps_after=100.0, latest=planned + 30)
+    nearer.step_seconds, nearer._last_step_end = [0.1, 0.2, 0.3], time.time()
+    nearer.on_step_end(None, State(), Control())
+    assert nearer.deadline == pytest.approx(planned + 40 - 100 * 0.2, abs=0.05)  # the median step, 0.2 s or so
     with pytest.raises(ValueError, match="steps_after"):
         CosineToDeadline(planned, steps_after=-1)
 
