@@ -347,7 +347,7 @@ def warm_up_vision(
     mask_augment: bool = False,
     instructions: dict[str, list[str]] | None = None,
     validation_instructions: dict[str, list[str]] | None = None,
-    vision_cache: "FrozenVisionCache | None" = None,
+    vision_cache: FrozenVisionCache | None = None,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 

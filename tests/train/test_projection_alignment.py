@@ -108,8 +108,19 @@ def test_alignment_reuses_the_warm_ups_vision_cache(samples, tiny_processor):
         warm_up_vision(model, tiny_processor.image_processor, folder, steps=2, batch_size=4, log=lambda _: None,
                        processor=tiny_processor, facts=facts, vision_cache=cache)
     examples = alignment_examples(rows, limit=16, seed=0)
+    pairs = {(row["image_before"], row["image_after"]) for row in examples}
+    uncached = pairs - set(cache.embeds)
+    through_vit = []
+    get_pair_embeds = model.get_pair_embeds
+
+    def counting(pixel_values, **kwargs):
+        through_vit.append(pixel_values.shape[0])
+        return get_pair_embeds(pixel_values, **kwargs)
+
+    model.get_pair_embeds = counting
     align_projection(model, tiny_processor, examples, steps=2, batch_size=8, vision_cache=cache, log=lambda _: None)
-    assert len(cache.embeds) >= cached
+    # only the pairs the warm-up did not draw go through the ViT
+    assert sum(through_vit) == len(uncached) < len(pairs)
 
 
 def test_alignment_arguments_are_checked(samples, tiny_model, tiny_processor):
