@@ -85,6 +85,12 @@ class DataArguments:
                   "samples sorted by length. 1, with gradient_accumulation_steps > 1, keeps each step a random mix "
                   "and sorts only its own samples into micro-batches by length (short runs: see train.trainer)"},
     )
+    sample_order: Literal["random", "stratified"] = field(
+        default="random",
+        metadata={"help": "random: a random permutation each epoch; stratified: a permutation in which every stretch "
+                  "of steps holds the tasks, and each task's answers, in the data's proportions (less order noise "
+                  "in short runs; train.sample_order)"},
+    )
     augment: Literal["none", "crop", "geometric"] = field(
         default="none",
         metadata={"help": "paired augmentation (same transform on A and B): crop, or crop + flips/rot90"},
@@ -157,6 +163,7 @@ def parse_args(argv: list[str]) -> tuple:
         for key, value in read_config(config_path).items():
             values[key] = _coerce_config_value(parser, key, value)
     values.update(_parse_overrides(parser, argv))
+    _check_choices(parser, values)
     model_args, data_args, eval_args, export_args, training_args = parser.parse_dict(values)
     if resume is not None:
         training_args.resume_from_checkpoint = resume
@@ -228,6 +235,15 @@ def _convert(action, key: str, tokens: list[str]):
         return convert(tokens[0])
     except (TypeError, ValueError) as error:
         raise ValueError(f"--{key}: {error}") from error
+
+
+def _check_choices(parser, values: dict) -> None:
+    """`parse_dict` does not enforce a Literal / Enum field's choices as the command line does: check them here."""
+    for key, value in values.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        choices = getattr(action, "choices", None)
+        if choices and value is not None and not isinstance(value, (list, dict)) and value not in choices:
+            raise ValueError(f"{key}: {value!r} is not one of {list(choices)}")
 
 
 def _coerce_config_value(parser, key: str, value):

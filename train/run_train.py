@@ -93,6 +93,7 @@ def main(argv=None, callbacks=()) -> int:
         callbacks=callbacks,
         processor=processor,
         length_window_steps=data_args.length_window_steps,
+        sample_order=data_args.sample_order,
         caption_prompt=caption_prompt(data_args.template),
         generation_config={
             "num_beams": eval_args.eval_num_beams,

@@ -25,7 +25,9 @@
    test pairs and "there is no difference" to every caption, where 40 steps of random batches beat every trivial
    baseline. `length_window_steps: 1` with gradient accumulation keeps each step a random mix and sorts only
    that step's samples, short ones into one micro-batch and long ones into the next: 3.6 s against 4.35 for the
-   forward and backward of a random batch of 8 as 2 x 4.
+   forward and backward of a random batch of 8 as 2 x 4. With `sample_order: stratified` the permutation is
+   `train.sample_order.stratified_order` instead of a random one: every window of steps holds the tasks, and each
+   task's answers, in the data's proportions (short runs; see that module).
 """
 
 import logging
@@ -40,11 +42,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from .collator import GenerationCollator
 from .model import ENCODER_PARAMETER, trainable_parameter_names
+from .sample_order import StratifiedLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
 TRAINABLE_WEIGHTS_NAME = "model.safetensors"  # the Trainer looks for this name when resuming / loading the best
 LENGTH_WINDOW_BATCHES = 4
+SAMPLE_ORDERS = ("random", "stratified")
+STRATA_COLUMNS = ("task", "answer")
 
 
 class WindowedLengthGroupedSampler(LengthGroupedSampler):
@@ -64,11 +69,14 @@ class WindowedLengthGroupedSampler(LengthGroupedSampler):
 class DeltaVLMTrainer(Trainer):
     def __init__(self, *args, processor=None, generation_config: dict | None = None, caption_prompt: str | None = None,
                  meteor: bool = False, encoder_learning_rate: float | None = None,
-                 length_window_steps: int = LENGTH_WINDOW_BATCHES, **kwargs):
+                 length_window_steps: int = LENGTH_WINDOW_BATCHES, sample_order: str = "random", **kwargs):
         super().__init__(*args, **kwargs)
         if length_window_steps < 1:
             raise ValueError(f"length_window_steps must be >= 1, got {length_window_steps}")
+        if sample_order not in SAMPLE_ORDERS:
+            raise ValueError(f"sample_order must be one of {SAMPLE_ORDERS}, got {sample_order!r}")
         self.length_window_steps = length_window_steps
+        self.sample_order = sample_order
         if encoder_learning_rate is not None and encoder_learning_rate < 0:
             raise ValueError(f"encoder_learning_rate must be >= 0, got {encoder_learning_rate}")
         self.encoder_learning_rate = encoder_learning_rate
@@ -104,7 +112,17 @@ class DeltaVLMTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         column = self.args.length_column_name
-        if (self.args.train_sampling_strategy == "group_by_length" and dataset is not None
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        if self.sample_order == "stratified" and dataset is not None:
+            needed = (*STRATA_COLUMNS, column) if grouped else STRATA_COLUMNS
+            missing = [name for name in needed if name not in getattr(dataset, "column_names", ())]
+            if missing:
+                raise ValueError(f"sample_order 'stratified' needs the training samples' columns {missing}")
+            step = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return StratifiedLengthGroupedSampler(list(zip(*(dataset[name] for name in STRATA_COLUMNS))),
+                                                  lengths=list(dataset[column]) if grouped else None,
+                                                  window_size=step * self.length_window_steps if grouped else None)
+        if (grouped and dataset is not None
                 and column in getattr(dataset, "column_names", ())):
             return WindowedLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                                 lengths=list(dataset[column]), window=self.length_window_steps)

@@ -146,7 +146,7 @@ def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_pat
         training = config["training"]
         assert training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] == 8
         assert training["gradient_accumulation_steps"] == 2 and training["train_sampling_strategy"] == "group_by_length"
-        assert config["data"]["length_window_steps"] == 1
+        assert config["data"]["length_window_steps"] == 1 and config["data"]["sample_order"] == "stratified"
     assert tail["model"]["model_name_or_path"] == str(out / "model-mixed")
     assert tail["training"]["max_steps"] == 2 and tail["export"]["export_dir"] == str(out / "model")
     assert {task for task, weight in tail["data"]["task_weights"].items() if weight} == {"localization", "count"}

@@ -56,6 +56,18 @@ def test_unknown_override_is_named():
         parse("--output_dir", "out", "--max_steps", "many")
 
 
+def test_a_value_outside_a_fields_choices_is_named(tmp_path):
+    """Literal and Enum fields take only their choices, from the YAML as from the command line."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {captions_per_pair: second, sample_order: stratified}\ntraining: {output_dir: out}\n")
+    with pytest.raises(ValueError, match=r"captions_per_pair: 'second' is not one of \['all', 'first'\]"):
+        parse("--config", str(config))
+    with pytest.raises(ValueError, match=r"lr_scheduler_type: 'triangle' is not one of"):
+        parse("--config", str(config), "--captions_per_pair", "all", "--lr_scheduler_type", "triangle")
+    _, data, _, _, training = parse("--config", str(config), "--captions_per_pair", "all")
+    assert data.sample_order == "stratified" and data.captions_per_pair == "all"
+
+
 def test_cli_rejects_bad_config_before_loading(tmp_path):
     from train.run_train import main
 

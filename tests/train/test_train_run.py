@@ -380,6 +380,49 @@ def test_a_one_step_window_sorts_each_steps_mix_into_micro_batches(workspace):
         DeltaVLMTrainer(model=model, args=args, length_window_steps=0)
 
 
+
+def test_stratified_sample_order_from_the_config(workspace, tmp_path):
+    """`data.sample_order: stratified` (the demo's language stage): the run's batches come from
+    `StratifiedLengthGroupedSampler` over the samples' (task, answer), a step's samples sorted by length into its
+    micro-batches; the default stays the random permutation; an unknown order is refused by name."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from train.run_train import main
+    from train.sample_order import StratifiedLengthGroupedSampler
+    from train.trainer import DeltaVLMTrainer
+
+    class RecordSampler(TrainerCallback):
+        samplers = []
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            self.samplers.append(train_dataloader.batch_sampler.sampler)
+
+    training = {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                "train_sampling_strategy": "group_by_length", "save_strategy": "no"}
+    config = write_config(tmp_path / "stratified.yaml", workspace, tmp_path / "stratified", training=training,
+                          data={"sample_order": "stratified", "length_window_steps": 1})
+    assert main(["--config", str(config)], callbacks=[RecordSampler()]) == 0
+    sampler = RecordSampler.samplers[-1]
+    samples = training_samples(workspace)
+    assert isinstance(sampler, StratifiedLengthGroupedSampler) and sampler.window_size == 4
+    assert sampler.keys == list(zip(samples["task"], samples["answer"]))
+    assert (tmp_path / "stratified" / "final" / "config.json").is_file()
+
+    model = load_folder(workspace["model"])
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", per_device_train_batch_size=2)
+    assert not isinstance(DeltaVLMTrainer(model=model, args=args, train_dataset=samples)._get_train_sampler(),
+                          StratifiedLengthGroupedSampler)
+    plain = DeltaVLMTrainer(model=model, args=args, train_dataset=samples, sample_order="stratified")
+    assert plain._get_train_sampler().window_size is None  # no length grouping asked: the order alone
+    with pytest.raises(ValueError, match="needs the training samples' columns \\['task'\\]"):
+        DeltaVLMTrainer(model=model, args=args, train_dataset=samples.remove_columns("task"),
+                        sample_order="stratified")._get_train_sampler()
+    with pytest.raises(ValueError, match="sample_order must be one of"):
+        DeltaVLMTrainer(model=model, args=args, sample_order="balanced")
+    with pytest.raises(ValueError, match="sample_order: 'balanced' is not one of \\['random', 'stratified'\\]"):
+        main(["--config", str(config), "--sample_order", "balanced"])  # before any data or model is loaded
+
+
 # --- 2: two processes (DDP, gloo on CPU) ---
 
 
