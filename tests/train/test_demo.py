@@ -104,8 +104,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert (out / "model" / "config.json").is_file()
 
 
-def test_a_run_without_tail_samples_localization_twice(tmp_path, synthetic, tiny_model_dir, caplog):
-    """Short budgets have no focused tail: their one Trainer run weights localization by UNTAILED_TASK_WEIGHTS."""
+def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):
+    """Short budgets have no focused tail: their one Trainer run weights localization and captions by
+    UNTAILED_TASK_WEIGHTS."""
     import logging
 
     import yaml
@@ -116,11 +117,12 @@ def test_a_run_without_tail_samples_localization_twice(tmp_path, synthetic, tiny
     with caplog.at_level(logging.INFO, logger="deltavlm.train"):
         assert main(["--out", str(out), "--train-steps", "2", "--eval-limit", "2", "--no-save"]) == 0
     config = yaml.safe_load((out / "train_config.yaml").read_text())
-    assert config["data"]["task_weights"] == UNTAILED_TASK_WEIGHTS == {"localization": 2.0}
+    assert config["data"]["task_weights"] == UNTAILED_TASK_WEIGHTS == {"localization": 2.0, "caption": 2.0}
     assert not (out / "train-tail_config.yaml").exists()
     mix = next(record.getMessage() for record in caplog.records if "training mix" in record.getMessage())
     shares = dict(re.findall(r"(\w+) (\d+) \(", mix))
     assert int(shares["localization"]) == 2 * int(shares["binary"])  # one record of each a pair in the file
+    assert int(shares["caption"]) == 2 * int(shares["binary"])  # one caption sample a pair (captions_per_pair first)
 
 
 def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_path, synthetic, tiny_model_dir, capsys):
