@@ -113,19 +113,18 @@ class DeltaVLMTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         column = self.args.length_column_name
         grouped = self.args.train_sampling_strategy == "group_by_length"
+        step = self.args.train_batch_size * self.args.gradient_accumulation_steps  # samples an optimizer step
         if self.sample_order == "stratified" and dataset is not None:
             needed = (*STRATA_COLUMNS, column) if grouped else STRATA_COLUMNS
             missing = [name for name in needed if name not in getattr(dataset, "column_names", ())]
             if missing:
                 raise ValueError(f"sample_order 'stratified' needs the training samples' columns {missing}")
-            step = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return StratifiedLengthGroupedSampler(list(zip(*(dataset[name] for name in STRATA_COLUMNS))),
                                                   lengths=list(dataset[column]) if grouped else None,
                                                   window_size=step * self.length_window_steps if grouped else None)
         if (grouped and dataset is not None
                 and column in getattr(dataset, "column_names", ())):
-            return WindowedLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                                lengths=list(dataset[column]), window=self.length_window_steps)
+            return WindowedLengthGroupedSampler(step, lengths=list(dataset[column]), window=self.length_window_steps)
         return super()._get_train_sampler(train_dataset)
 
     # --- 2. trainable-only checkpoints ---
