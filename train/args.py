@@ -49,6 +49,11 @@ class ModelArguments:
         metadata={"help": "learning rate of the ViT, CSRM, Q-Former and query tokens (default: training.learning_rate); "
                   "the projection and LoRA adapters keep training.learning_rate. 0 freezes the encoder side"},
     )
+    frozen_dropout: bool = field(
+        default=False,
+        metadata={"help": "keep dropout on in modules none of whose weights train (default: such modules run in "
+                  "eval mode during training, as LAVIS runs its frozen ViT)"},
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ import logging
 import re
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import modeling_deltavlm  # noqa: F401  (registers DeltaVLM with the Auto classes)
@@ -86,6 +87,23 @@ def freeze_encoder(model) -> int:
     return frozen
 
 
+def frozen_subtrees(model: nn.Module) -> list[nn.Module]:
+    """The largest submodules of `model` none of whose parameters train (LoRA adapters inside a module count as
+    training), skipping those without parameters of their own subtree (activations, dropout at the top level)."""
+    found = []
+
+    def visit(module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(param.requires_grad for param in params):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return found
+
+
 def freeze_as_paper(model) -> dict[str, int]:
     """Train what the paper trains (last two ViT blocks, ln_vision, CSRM, queries, Q-Former, projection)."""
     counts = model.set_trainable_as_paper()
@@ -163,6 +181,7 @@ __all__ = [
     "cast_for_mixed_precision",
     "check_processor_matches",
     "freeze_as_paper",
+    "frozen_subtrees",
     "init_from_instructblip",
     "load_model_and_processor",
     "trainable_parameter_names",

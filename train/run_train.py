@@ -102,6 +102,7 @@ def main(argv=None, callbacks=()) -> int:
         },
         meteor=eval_args.eval_meteor,
         encoder_learning_rate=encoder_learning_rate,
+        frozen_dropout=model_args.frozen_dropout,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

@@ -1,4 +1,4 @@
-"""`DeltaVLMTrainer`: the HF Trainer with five DeltaVLM-specific changes.
+"""`DeltaVLMTrainer`: the HF Trainer with six DeltaVLM-specific changes.
 
 1. Weight decay on every trainable tensor with >= 2 dimensions and on nothing else (the authors' grouping:
    query tokens, Linear and embedding weights decay; biases and norms do not), instead of the Trainer's
@@ -28,6 +28,8 @@
    forward and backward of a random batch of 8 as 2 x 4. With `sample_order: stratified` the permutation is
    `train.sample_order.stratified_order` instead of a random one: every window of steps holds the tasks, and each
    task's answers, in the data's proportions (short runs; see that module).
+6. Modules none of whose weights train stay in eval mode during training (`frozen_dropout=False`, the default):
+   their dropout would only add noise to the features that the trained layers read.
 """
 
 import logging
@@ -41,7 +43,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from .collator import GenerationCollator
-from .model import ENCODER_PARAMETER, trainable_parameter_names
+from .model import ENCODER_PARAMETER, frozen_subtrees, trainable_parameter_names
 from .sample_order import StratifiedLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -69,8 +71,10 @@ class WindowedLengthGroupedSampler(LengthGroupedSampler):
 class DeltaVLMTrainer(Trainer):
     def __init__(self, *args, processor=None, generation_config: dict | None = None, caption_prompt: str | None = None,
                  meteor: bool = False, encoder_learning_rate: float | None = None,
-                 length_window_steps: int = LENGTH_WINDOW_BATCHES, sample_order: str = "random", **kwargs):
+                 length_window_steps: int = LENGTH_WINDOW_BATCHES, sample_order: str = "random",
+                 frozen_dropout: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.frozen_dropout = frozen_dropout
         if length_window_steps < 1:
             raise ValueError(f"length_window_steps must be >= 1, got {length_window_steps}")
         if sample_order not in SAMPLE_ORDERS:
@@ -126,6 +130,19 @@ class DeltaVLMTrainer(Trainer):
                 and column in getattr(dataset, "column_names", ())):
             return WindowedLengthGroupedSampler(step, lengths=list(dataset[column]), window=self.length_window_steps)
         return super()._get_train_sampler(train_dataset)
+
+    # --- 6. frozen modules in eval mode ---
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The Trainer switches the whole model to training mode before each step. A module none of whose weights
+        # train (the encoder side in the Nano demo's language stage, the frozen ViT blocks of the paper's set-up)
+        # would then apply its dropout too: noise in the features the trained layers read, which no weight of it
+        # learns from, and features that differ from the ones inference sees. As LAVIS does for its frozen ViT,
+        # such modules run in eval mode unless `frozen_dropout` asks otherwise.
+        if model.training and not self.frozen_dropout:
+            for module in frozen_subtrees(model):
+                module.eval()
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # --- 2. trainable-only checkpoints ---
 

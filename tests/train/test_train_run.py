@@ -294,6 +294,41 @@ def test_encoder_learning_rate_zero_freezes_the_encoder_side_only(workspace, tmp
     assert any(n.startswith("language_model.") and n.endswith("q_proj.weight") for n in changed)  # merged LoRA
 
 
+def test_modules_that_do_not_train_run_without_dropout(workspace, tmp_path):
+    """During training, a module none of whose weights train runs in eval mode (its dropout off), unless
+    `model.frozen_dropout` keeps it on; what trains stays in training mode."""
+    from transformers import TrainerCallback
+
+    from train.run_train import main
+
+    class RecordModes(TrainerCallback):
+        def __init__(self):
+            self.modes = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for name, module in model.named_modules():
+                for part in ("difference_module", "qformer", "language_projection"):
+                    if name.split(".")[-1] == part:
+                        module.register_forward_hook(
+                            lambda module, inputs, output, part=part: self.modes.setdefault(part, set()).add(module.training))
+
+    def modes_of(name, **model_args):
+        config = write_config(tmp_path / f"{name}.yaml", workspace, tmp_path / name,
+                              training={"max_steps": 1, "save_strategy": "no"}, data={"val_split": None},
+                              model=model_args)
+        recorder = RecordModes()
+        assert main(["--config", str(config), "--skip_export", "true"], callbacks=[recorder]) == 0
+        return recorder.modes
+
+    lora = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": ["q_proj"]}
+    frozen = modes_of("frozen", encoder_learning_rate=0.0, **lora)
+    assert frozen == {"difference_module": {False}, "qformer": {False}, "language_projection": {True}}
+    kept = modes_of("kept", encoder_learning_rate=0.0, frozen_dropout=True, **lora)
+    assert kept == {"difference_module": {True}, "qformer": {True}, "language_projection": {True}}
+    paper = modes_of("paper")  # the paper's trainable set: CSRM and Q-Former train
+    assert paper == {"difference_module": {True}, "qformer": {True}, "language_projection": {True}}
+
+
 def test_encoder_learning_rate_groups(workspace):
     from transformers import TrainingArguments
 
