@@ -89,7 +89,8 @@ def freeze_encoder(model) -> int:
 
 def frozen_subtrees(model: nn.Module) -> list[nn.Module]:
     """The largest submodules of `model` none of whose parameters train (LoRA adapters inside a module count as
-    training), skipping those without parameters of their own subtree (activations, dropout at the top level)."""
+    training). Modules without parameters (activations, a dropout layer of its own) are not listed: they sit
+    inside a listed module or follow their trained parent."""
     found = []
 
     def visit(module: nn.Module) -> None:
