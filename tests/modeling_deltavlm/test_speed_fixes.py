@@ -52,6 +52,13 @@ def test_chunked_lm_loss_matches_one_cross_entropy_at_any_chunk_size():
         (grad,) = torch.autograd.grad(loss, hidden)
         torch.testing.assert_close(loss, reference)
         torch.testing.assert_close(grad, expected_grad)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    for chunk_logits, head_calls in ((10**6, 1), (7 * 50, 2 * 4)):
+        # one chunk: the head runs once; 4 chunks (7+7+7+2 rows): each run again in backward
+        calls.clear()
+        chunked_lm_loss(hidden, targets, head, chunk_logits=chunk_logits).backward()
+        assert len(calls) == head_calls, chunk_logits
     summed = chunked_lm_loss(hidden, targets, head, num_items_in_batch=torch.tensor(40), chunk_logits=100)
     torch.testing.assert_close(summed, reference * 23 / 40)
     for items in (None, torch.tensor(5)):
