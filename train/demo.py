@@ -97,7 +97,8 @@ ALIGNMENT_STEPS = 300
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltavlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="deltavlm-demo", help="working folder (data, checkpoints, results)")
-    parser.add_argument("--budget-minutes", type=float, default=10.0, help="total wall time to aim for")
+    parser.add_argument("--budget-minutes", "--budget", type=float, default=10.0,
+                        help="total wall time to aim for, in minutes")
     parser.add_argument("--pairs", type=int, default=None, help="synthetic pairs to generate (default: from the budget)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variation", choices=["light", "heavy"], default="light", help="irrelevant variation in B")

@@ -65,6 +65,13 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys):
     assert "both --before and --after" in capsys.readouterr().err
     assert main(["--out", str(tmp_path), "--before", "nope.png", "--after", "nope.png"]) == 2
     assert "image not found" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--budget", "0"]) == 2  # the spelling of --budget-minutes
+    assert "--budget-minutes must be positive" in capsys.readouterr().err
+
+
+def test_budget_is_short_for_budget_minutes():
+    assert build_parser().parse_args(["--budget", "25"]).budget_minutes == 25.0
+    assert build_parser().parse_args([]).budget_minutes == 10.0
 
 
 @pytest.mark.slow
