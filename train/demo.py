@@ -46,10 +46,16 @@ HEADLINE = {
     "open": ("CIDEr", True),
     "dialogue": ("final-turn CIDEr", True),
 }
-# The mask phase's learning rate (the Q-Former phase keeps warm_up_vision's 1e-3). Measured on the 60-minute
-# demo's data (3 780 training pairs, 360 mask steps at batch 32, 2 cores, 2026-11-27): held-out per-patch change
-# F1 0.684 at 3e-3 against 0.648 at 1e-3 (0.634 / 0.607 after 180 steps).
+# The mask phase's learning rate at batch 32 (the Q-Former phase keeps warm_up_vision's 1e-3). Measured on the
+# 60-minute demo's data (3 780 training pairs, 360 mask steps at batch 32, 2 cores, 2026-11-27): held-out per-patch
+# change F1 0.684 at 3e-3 against 0.648 at 1e-3 (0.634 / 0.607 after 180 steps).
 VISION_LEARNING_RATE = 3e-3
+# ... and at the batch of 16 that a slow machine's short budget gets (size_warm_up). There the noisier steps at
+# 3e-3 could leave the mask probe on "nothing changed" for half the phase: on the 15-minute demo's data (1 350
+# pairs, 90 mask steps at batch 16; EPYC, 2026-11-28) held-out patch F1 was 0.0 until step 45 and 0.186 after 90
+# at 3e-3 (0.452 with another seed), 0.465 and 0.439 at 1e-3 (0.418 at 1.5e-3); on the 10-minute data (60 steps)
+# 0.372 at 3e-3, 0.386 at 1e-3. The demo's 15-minute run with 3e-3 then lost five of six tasks to the baselines.
+SMALL_BATCH_VISION_LEARNING_RATE = 1e-3
 # Share of the budget the stages get (measured on 2 cores: the rest goes to data, loading and saving).
 TRAIN_SHARE = 0.62
 # The vision warm-up takes 12 steps a budget minute, but at most this share of the budget at this machine's measured
@@ -191,8 +197,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
             if (warmup_steps, warmup_batch) != (planned, 32):
                 say(f"a mask-phase step takes {step_seconds:.1f} s here: {warmup_steps} warm-up steps at batch "
                     f"{warmup_batch} fit {WARMUP_SHARE:.0%} of the budget")
-        say(f"vision warm-up: {warmup_steps} steps at batch {warmup_batch}, half on the change masks, half on the "
-            "pairs' facts")
+        say(f"vision warm-up: {warmup_steps} steps at batch {warmup_batch}, half on the change masks (learning rate "
+            f"{vision_learning_rate(warmup_batch):g}), half on the pairs' facts")
         facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
         # held-out probe scores in the log (val split): what the queries carry before the language stage
         validation_file = data_dir / "annotations" / "changechat_val.json"
@@ -200,7 +206,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         vision_cache = FrozenVisionCache(model, processor.image_processor)
         history = warm_up_vision(model, processor.image_processor, data_dir, steps=warmup_steps, seed=args.seed,
                                  batch_size=warmup_batch,
-                                 vision_learning_rate=VISION_LEARNING_RATE,
+                                 vision_learning_rate=vision_learning_rate(warmup_batch),
                                  log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
                                  validation_facts=validation_facts, validation_pairs=32, vision_cache=vision_cache)
         if not args.no_projection_alignment:
@@ -402,6 +408,12 @@ def size_warm_up(budget_minutes: float, steps: int, step_seconds: float) -> tupl
     if budget_minutes < SMALL_BATCH_BELOW_MINUTES:
         return steps, 16
     return max(MIN_WARMUP_STEPS, min(steps, int(WARMUP_SHARE * budget_minutes * 60 / per_step))), 32
+
+
+def vision_learning_rate(batch_size: int) -> float:
+    """The mask phase's learning rate at the warm-up's `batch_size`: VISION_LEARNING_RATE at 32 and above,
+    SMALL_BATCH_VISION_LEARNING_RATE below."""
+    return VISION_LEARNING_RATE if batch_size >= 32 else SMALL_BATCH_VISION_LEARNING_RATE
 
 
 def probes_per_run(budget_minutes: float) -> int:

@@ -14,6 +14,7 @@ from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
     HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
     UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
+    vision_learning_rate,
 )
 from train.synthetic import write_dataset
 
@@ -181,6 +182,8 @@ def test_short_budgets_take_smaller_batches_and_fewer_probes():
     assert size_warm_up(60, 720, step_seconds=1.0) == (720, 32)
     assert size_warm_up(60, 720, step_seconds=2.0) == (385, 32)
     assert size_warm_up(60, 720, step_seconds=60.0) == (120, 32)  # never below MIN_WARMUP_STEPS
+    # the halved batch takes a lower mask-phase rate (3e-3 at batch 16 stalled the mask probe on "no change")
+    assert vision_learning_rate(32) == 3e-3 and vision_learning_rate(16) == 1e-3
     assert probes_per_run(10) == 1 and probes_per_run(60) == 3
     for steps in (1, 2, 3, 7, 20, 40, 41, 661):
         for probes in (1, 3):
