@@ -487,7 +487,7 @@ def warm_up_vision(
                     parameter.requires_grad_(False)
             batch = rng.sample(pairs, min(batch_size, len(pairs)))
             images = [(before, after) for before, after, _ in batch]
-            entry = {"step": step, "phase": "vision" if vision_phase else "qformer"}
+            entry = {"step": step, "phase": "vision" if vision_phase else "qformer", "batch_size": len(batch)}
             if vision_phase:
                 pixel_values = image_processor(images)["pixel_values"]
                 targets = patch_targets([mask for _, _, mask in batch], grid)
@@ -512,6 +512,7 @@ def warm_up_vision(
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            entry["learning_rate"] = optimizer.param_groups[0]["lr"]  # this step's rate (Q-Former phase: its fresh layers')
             optimizer.step()
             schedule.step()
             if step % log_every == 0 or step == steps - 1 or step == vision_steps - 1:

@@ -14,7 +14,7 @@ from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
     HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
     UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
-    vision_learning_rate,
+    qformer_learning_rate, vision_learning_rate,
 )
 from train.synthetic import write_dataset
 
@@ -99,6 +99,12 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     warmup = json.loads((out / "warmup.json").read_text())
     phases = [entry["phase"] for entry in warmup]
     assert phases[0] == "vision" and phases[-2] == "qformer" and phases[-1] == "projection"
+    # each phase's rate follows the batch (at 16: masks 1e-3, Q-Former 2e-3); the log shows both
+    for phase, rate in (("vision", vision_learning_rate), ("qformer", qformer_learning_rate)):
+        entries = [entry for entry in warmup if entry["phase"] == phase]
+        peak = rate(entries[0]["batch_size"])
+        assert all(0 < entry["learning_rate"] <= peak for entry in entries)
+        assert max(entry["learning_rate"] for entry in entries) > peak / 4
     assert warmup[-1]["loss_end"] < warmup[-1]["loss_start"]
 
     # an interrupted run resumes from what it left: a fresh process (no Auto classes registered by building Nano)
@@ -182,8 +188,10 @@ def test_short_budgets_take_smaller_batches_and_fewer_probes():
     assert size_warm_up(60, 720, step_seconds=1.0) == (720, 32)
     assert size_warm_up(60, 720, step_seconds=2.0) == (385, 32)
     assert size_warm_up(60, 720, step_seconds=60.0) == (120, 32)  # never below MIN_WARMUP_STEPS
-    # the halved batch takes a lower mask-phase rate (3e-3 at batch 16 stalled the mask probe on "no change")
+    # the halved batch takes a lower mask-phase rate (3e-3 at batch 16 stalled the mask probe on "no change") and a
+    # higher Q-Former rate (its 60 steps at 1e-3 could end with the queries' change read-out at chance)
     assert vision_learning_rate(32) == 3e-3 and vision_learning_rate(16) == 1e-3
+    assert qformer_learning_rate(32) == 1e-3 and qformer_learning_rate(16) == 2e-3
     assert probes_per_run(10) == 1 and probes_per_run(60) == 3
     for steps in (1, 2, 3, 7, 20, 40, 41, 661):
         for probes in (1, 3):

@@ -61,11 +61,15 @@ def test_warm_up_trains_vision_csrm_and_qformer_but_not_the_llm(synthetic, tiny_
     model = DeltaVLMForConditionalGeneration(tiny_config())
     before = {name: value.clone() for name, value in model.state_dict().items()}
     history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=4, batch_size=4, log_every=1,
-                             log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic))
+                             log=lambda _: None, processor=tiny_processor, facts=_train_facts(synthetic),
+                             learning_rate=1e-3, vision_learning_rate=3e-3)
     # default split: the first half trains the vision side on the masks, the second the Q-Former on the facts
     assert [(entry["step"], entry["phase"]) for entry in history] == [
         (0, "vision"), (1, "vision"), (2, "qformer"), (3, "qformer")
     ]
+    # each entry says its batch and its step's rate: each phase's own peak, one warm-up step in, then the cosine
+    assert [entry["batch_size"] for entry in history] == [4] * 4
+    assert [entry["learning_rate"] for entry in history] == pytest.approx([3e-3, 3e-3 * 0.5, 1e-3, 1e-3 * 0.5])
     assert all("patch_f1" in entry for entry in history[:2]) and all("change_accuracy" in entry for entry in history[2:])
     assert all(p.requires_grad for p in model.vision_model.parameters())  # the freeze of phase two is undone
     after = model.state_dict()
