@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from processing.changechat_data import load_records
+from train.export import staged_model_folder
 from processing.conversation import TASK_PROMPTS, task_of_question
 
 TASK_FILES = {
@@ -150,7 +152,12 @@ def main(argv=None) -> int:
     if args.budget_minutes <= 0:
         print("deltavlm demo: error: --budget-minutes must be positive", file=sys.stderr)
         return 2
-    run_demo(args)
+    try:
+        run_demo(args)
+    except (OSError, SafetensorError) as error:  # a full disk, a folder it may not write: the work done is kept
+        print(f"deltavlm demo: error: {error}\n(what was finished is kept in {args.out}: the same command resumes "
+              f"from it)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -221,8 +228,9 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
             history.append({"phase": "projection", **_align_projection(model, processor, data_dir, vision_cache,
                                                                         args.seed, say)})
         (out / "warmup.json").write_text(json.dumps(history, indent=2))
-        model.save_pretrained(init_dir)
-        processor.save_pretrained(init_dir)
+        with staged_model_folder(init_dir) as staging:  # a rerun reuses nano-init/ only if it was written whole
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
         del model
     else:
         say(f"reusing the warmed-up Nano in {init_dir}")
@@ -328,10 +336,10 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
     if not args.no_save:
         target = Path(args.save_to) if args.save_to else _default_home()
         if target.resolve() != model_dir.resolve():
-            if target.exists():
+            if target.exists():  # an older Nano: none of its files may mix with this one's
                 shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(model_dir, target)
+            with staged_model_folder(target) as staging:  # `deltavlm predict` takes it only once it is whole
+                shutil.copytree(model_dir, staging, dirs_exist_ok=True)
         say(f"saved DeltaVLM-Nano to {target}: `deltavlm predict --before A --after B` uses it by default")
     return {"metrics": metrics, "baselines": baselines, "curve": curve_points, "answers": answers}
 

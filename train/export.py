@@ -5,12 +5,48 @@ The adapter folder is peft's (`adapter_config.json`, `adapter_model.safetensors`
 `non_lora_trainables.safetensors` with the rest of what was trained (ViT blocks, ln_vision, CSRM, query tokens,
 Q-Former, projection), which peft's own files cannot carry (`query_tokens` is a bare parameter).
 `load_lora_adapter` puts both back on a base model.
+
+Readers take a folder with a `config.json` for a complete model (`from_pretrained`, the demo's resume, `deltavlm
+predict`'s default), while `save_pretrained` writes that file first. `staged_model_folder` therefore writes the
+folder beside its target and moves `config.json` in last: a run killed mid-save, or a full disk, leaves no folder
+that looks complete (a 2-core run of `deltavlm demo` that hit a full disk in `save_pretrained` had left `config.json`
+and the code files without weights, and a rerun would have tried to reuse them).
 """
 
 import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 import safetensors.torch
 import torch
+
+CONFIG_NAME = "config.json"
+
+
+@contextmanager
+def staged_model_folder(target):
+    """Yield an empty staging folder beside `target` to write a model folder into. On success its entries replace
+    those of the same name in `target` (other entries of `target` stay), `config.json` last; on an error the
+    staging folder is removed and `target` keeps no `config.json` from this write (an older one is removed first
+    only once the new files are all written)."""
+    target = Path(target)
+    staging = target.parent / f".{target.name}.partial"
+    if staging.exists():  # left by a run that was killed
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        target.mkdir(parents=True, exist_ok=True)
+        (target / CONFIG_NAME).unlink(missing_ok=True)  # from here on the folder does not claim to be complete
+        entries = sorted(staging.iterdir(), key=lambda entry: entry.name == CONFIG_NAME)
+        for entry in entries:
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
 
@@ -23,13 +59,19 @@ def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = 
 
     The language model is included unless `reference_language_model` names where to read it from on load
     (modeling_deltavlm's `config.language_model_weights`): only right when the LLM was frozen and not merged with
-    adapters, since the folder then records the base LLM, not the trained one."""
-    os.makedirs(export_dir, exist_ok=True)
+    adapters, since the folder then records the base LLM, not the trained one. The folder is written staged
+    (`staged_model_folder`): `config.json` appears only once everything else is in place."""
+    with staged_model_folder(export_dir) as staging:
+        _export_model(model, processor, str(staging), dtype, merge_lora, state_dict, reference_language_model)
+    return export_dir if merge_lora or not is_peft_model(model) else os.path.join(export_dir, "adapter")
+
+
+def _export_model(model, processor, export_dir: str, dtype, merge_lora, state_dict, reference_language_model):
     if is_peft_model(model):
         save_lora_adapter(model, os.path.join(export_dir, "adapter"))
         if not merge_lora:
             processor.save_pretrained(os.path.join(export_dir, "adapter"))
-            return os.path.join(export_dir, "adapter")
+            return
         if reference_language_model is not None:
             raise ValueError("the LoRA adapters are merged into the language model: it is no longer the base "
                              "model, so it cannot be referenced; export it in full or set merge_lora to false")
@@ -46,7 +88,6 @@ def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = 
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.save_pretrained(export_dir, state_dict=state_dict)
     processor.save_pretrained(export_dir)
-    return export_dir
 
 
 def is_peft_model(model) -> bool:
@@ -80,4 +121,4 @@ def load_lora_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
     return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
 
 
-__all__ = ["NON_LORA_WEIGHTS_NAME", "export_model", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]
+__all__ = ["NON_LORA_WEIGHTS_NAME", "export_model", "staged_model_folder", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]

@@ -118,6 +118,36 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     assert (out / "model" / "config.json").is_file()
 
 
+def test_a_full_disk_while_saving_the_warmed_up_nano_leaves_nothing_to_reuse(tmp_path, synthetic, tiny_processor,
+                                                                              make_tiny_config, monkeypatch, capsys):
+    """The demo reuses `nano-init/` when it holds a config.json; save_pretrained writes that first, so a save cut
+    short by a full disk must not leave it (a 10-minute run on 2 cores did, before the staged save)."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    import modeling_deltavlm.build_nano as build_nano_module
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    def tiny_nano(seed=0, use_difference_module=True):
+        return DeltaVLMForConditionalGeneration(make_tiny_config()), tiny_processor
+
+    def disk_full(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(build_nano_module, "build_nano", tiny_nano)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    out = tmp_path / "demo"
+    shutil.copytree(synthetic, out / "data")
+    code = main(["--out", str(out), "--warmup-steps", "2", "--no-projection-alignment", "--no-save"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "No space left on device" in error and f"kept in {out}" in error
+    assert not (out / "nano-init" / "config.json").exists()  # a rerun builds and warms Nano up again
+    assert not (out / ".nano-init.partial").exists()
+    assert (out / "warmup.json").is_file() and (out / "data" / "metadata.json").is_file()
+
+
 def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):
     """Short budgets have no focused tail: their one Trainer run weights localization and captions by
     UNTAILED_TASK_WEIGHTS."""

@@ -607,6 +607,74 @@ def test_export_can_reference_the_base_language_model(workspace, tmp_path):
         assert torch.equal(full(**batch).logits, referenced(**batch).logits)
 
 
+def test_export_interrupted_by_a_full_disk_leaves_no_folder_that_looks_complete(workspace, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from train.export import export_model
+
+    model = load_folder(workspace["model"])
+    target = tmp_path / "exported"
+    export_model(model, workspace["processor"], str(target))  # an earlier, complete export
+    (target / "notes.txt").write_text("the user's own file")
+    with torch.no_grad():
+        model.query_tokens.add_(1.0)
+
+    def disk_full(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")  # save_pretrained writes the config first
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(model, workspace["processor"], str(target))
+    monkeypatch.undo()
+    # the earlier export is still whole (nothing was moved in), the staging folder is gone, other files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    assert (target / "notes.txt").read_text() == "the user's own file"
+    earlier = load_folder(target)
+    assert not torch.equal(earlier.query_tokens, model.query_tokens)
+
+    export_model(model, workspace["processor"], str(target))  # the rerun replaces it
+    assert torch.equal(load_folder(target).query_tokens, model.query_tokens)
+    assert (target / "notes.txt").is_file() and not (tmp_path / ".exported.partial").exists()
+
+
+def test_staged_model_folder_moves_config_last_and_drops_a_stale_one(tmp_path):
+    from train.export import staged_model_folder
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text('{"old": true}')
+    (target / "sub").mkdir()
+    (target / "sub" / "stale.bin").write_text("x")
+    moved = []
+    real_replace = os.replace
+
+    def record(source, destination):
+        moved.append(Path(destination).name)
+        assert not (target / "config.json").exists() or Path(destination).name == "config.json"
+        real_replace(source, destination)
+
+    import train.export as export_module
+    export_module.os.replace = record
+    try:
+        with staged_model_folder(target) as staging:
+            (staging / "config.json").write_text('{"new": true}')
+            (staging / "model.safetensors").write_text("w")
+            (staging / "sub").mkdir()
+            (staging / "sub" / "fresh.bin").write_text("y")
+    finally:
+        export_module.os.replace = real_replace
+    assert moved[-1] == "config.json" and set(moved) == {"config.json", "model.safetensors", "sub"}
+    assert json.loads((target / "config.json").read_text()) == {"new": True}
+    assert [p.name for p in (target / "sub").iterdir()] == ["fresh.bin"]  # a folder is replaced whole
+    with pytest.raises(RuntimeError):
+        with staged_model_folder(target) as staging:
+            (staging / "config.json").write_text("{}")
+            raise RuntimeError("killed")
+    assert json.loads((target / "config.json").read_text()) == {"new": True}
+    assert not (tmp_path / ".model.partial").exists()
+
+
 def test_best_checkpoint_by_validation_bleu_is_exported(workspace, tmp_path):
     output_dir = tmp_path / "best"
     run_main(write_config(
