@@ -28,8 +28,8 @@ from transformers import TrainerCallback
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from processing.changechat_data import load_records
-from train.export import staged_model_folder
 from processing.conversation import TASK_PROMPTS, task_of_question
+from train.export import staged_model_folder
 
 TASK_FILES = {
     "caption": "changechat_test_caption.json",

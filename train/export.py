@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 
 CONFIG_NAME = "config.json"
+NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
 
 
 @contextmanager
@@ -47,8 +48,6 @@ def staged_model_folder(target):
             os.replace(entry, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
 
 
 def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = None, merge_lora: bool = True,

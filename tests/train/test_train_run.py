@@ -638,7 +638,7 @@ def test_export_interrupted_by_a_full_disk_leaves_no_folder_that_looks_complete(
     assert (target / "notes.txt").is_file() and not (tmp_path / ".exported.partial").exists()
 
 
-def test_staged_model_folder_moves_config_last_and_drops_a_stale_one(tmp_path):
+def test_staged_model_folder_moves_config_last_and_drops_a_stale_one(tmp_path, monkeypatch):
     from train.export import staged_model_folder
 
     target = tmp_path / "model"
@@ -655,15 +655,13 @@ def test_staged_model_folder_moves_config_last_and_drops_a_stale_one(tmp_path):
         real_replace(source, destination)
 
     import train.export as export_module
-    export_module.os.replace = record
-    try:
-        with staged_model_folder(target) as staging:
-            (staging / "config.json").write_text('{"new": true}')
-            (staging / "model.safetensors").write_text("w")
-            (staging / "sub").mkdir()
-            (staging / "sub" / "fresh.bin").write_text("y")
-    finally:
-        export_module.os.replace = real_replace
+    monkeypatch.setattr(export_module.os, "replace", record)
+    with staged_model_folder(target) as staging:
+        (staging / "config.json").write_text('{"new": true}')
+        (staging / "model.safetensors").write_text("w")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "fresh.bin").write_text("y")
+    monkeypatch.undo()
     assert moved[-1] == "config.json" and set(moved) == {"config.json", "model.safetensors", "sub"}
     assert json.loads((target / "config.json").read_text()) == {"new": True}
     assert [p.name for p in (target / "sub").iterdir()] == ["fresh.bin"]  # a folder is replaced whole
