@@ -6,7 +6,9 @@
 Prediction files (JSON list / JSON object / JSONL, one record per line):
 - CCExpert layout: {"uid": "Levir_CC_test_img<imgid>", "pred": str, "change_caption": [refs]};
 - simple lists: {"id" | "uid" | "image_id" | "question_id" | "filename": ..., "prediction" | "pred" |
-  "caption" | "answer" | "text": str}, or one JSON object mapping id -> prediction text;
+  "caption" | "answer" | "text": str}, or one JSON object mapping id -> prediction text; a record with
+  none of those id fields may name its pair by image instead: "image_A" or "image" (a path, or the
+  ChangeChat [before, after] pair, whose before path is used);
 - DeltaVLM's eval output: one object per line {"id": str, "task": one of TASKS, "prediction": str
   (dialogue: the list of per-turn answers), "references": [str] (caption: every reference caption;
   binary/count/localization/open: [the reference answer]; dialogue: the per-turn reference
@@ -52,6 +54,7 @@ from eval.metrics import (
 from eval.parsers import CATEGORIES
 
 ID_KEYS = ("id", "uid", "image_id", "question_id", "filename")
+IMAGE_ID_KEYS = ("image_A", "image")  # used only when no ID_KEYS field is there: the pair named by its before image
 TEXT_KEYS = ("prediction", "pred", "caption", "answer", "text", "generated")
 REFERENCE_KEYS = ("references", "change_caption", "reference", "captions")
 LIST_KEYS = ("predictions", "results", "annotations", "data")  # JSON objects that wrap the record list
@@ -206,13 +209,18 @@ def _prediction_from_record(record, number: int, path) -> Prediction:
     where = f"prediction file {path} record {number}"
     if not isinstance(record, dict):
         raise ScoreError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    id_key, text_key = _first_key(record, ID_KEYS), _first_key(record, TEXT_KEYS)
+    id_key, text_key = _first_key(record, ID_KEYS + IMAGE_ID_KEYS), _first_key(record, TEXT_KEYS)
     if id_key is None:
-        raise ScoreError(f"{where}: no id field (one of {', '.join(ID_KEYS)})")
+        raise ScoreError(f"{where}: no id field (one of {', '.join(ID_KEYS + IMAGE_ID_KEYS)})")
     if text_key is None:
         raise ScoreError(f"{where}: no prediction field (one of {', '.join(TEXT_KEYS)})")
-    if record[id_key] is None or isinstance(record[id_key], (list, dict)):
-        raise ScoreError(f"{where}: {id_key!r} must be a string or a number, got {record[id_key]!r}")
+    record_id = record[id_key]
+    if id_key == "image" and isinstance(record_id, list):
+        if len(record_id) != 2 or not all(isinstance(path, str) for path in record_id):
+            raise ScoreError(f"{where}: 'image' must be a path or the [before, after] pair of paths, got {record_id!r}")
+        record_id = record_id[0]  # references register the before image's path, name and stem
+    if record_id is None or isinstance(record_id, (list, dict)):
+        raise ScoreError(f"{where}: {id_key!r} must be a string or a number, got {record_id!r}")
     if isinstance(record[text_key], dict):
         raise ScoreError(f"{where}: {text_key!r} must be text (or a list of per-turn answers), got an object")
     ref_key = _first_key(record, REFERENCE_KEYS)
@@ -229,7 +237,7 @@ def _prediction_from_record(record, number: int, path) -> Prediction:
         raise ScoreError(f"{where}: 'changed' must be true/false (or a changeflag 0/1), got {changed!r}")
     changed = None if changed == -1 else changed
     return Prediction(
-        id=str(record[id_key]),
+        id=str(record_id),
         text=record[text_key] if isinstance(record[text_key], list) else str(record[text_key] or ""),
         task=task,
         references=references,

@@ -74,6 +74,23 @@ def test_levir_cc_id_forms_and_missing(shared_dir, tmp_path, capsys):
     assert "1926 references have no prediction" in err
 
 
+def test_predictions_named_by_their_images(shared_dir, tmp_path, capsys):
+    """Records without an id field may name the pair by its before image (a path or ChangeChat's [A, B])."""
+    predictions = write_jsonl(tmp_path / "p.jsonl", [
+        {"image": ["test/A/test_000001.png", "test/B/test_000001.png"], "answer": "the scene is the same as before"},
+        {"image_A": "test/A/test_000002.png", "answer": "a road is built"},
+        {"image": "C:\\levir\\test\\A\\test_000003.png", "answer": "there is no difference"},
+    ])
+    out = tmp_path / "m.json"
+    code, _, _ = run(["--predictions", predictions, "--references", str(shared_dir / LEVIR_CC),
+                      "--no-meteor", "--out", str(out)], capsys)
+    assert code == 0
+    assert json.loads(out.read_text())["matching"]["num_matched"] == 3
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"image": ["a.png"], "answer": "x"}])
+    code, _, err = run(["--predictions", bad, "--references", str(shared_dir / LEVIR_CC)], capsys)
+    assert code == 2 and "'image' must be a path or the [before, after] pair" in err and err.count("\n") == 1
+
+
 def test_no_matching_ids_is_an_error(shared_dir, tmp_path, capsys):
     predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "val_000001", "pred": "x"}])
     code, _, err = run(["--predictions", predictions, "--references", str(shared_dir / LEVIR_CC)], capsys)
