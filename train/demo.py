@@ -96,6 +96,14 @@ SMALL_BATCH_BELOW_MINUTES = 30.0
 # A curve probe (16 records of three tasks, ~14 s) runs inside the stage's time.
 EVAL_STEPS_PER_RECORD = 0.55
 FINAL_STEPS = 5.0
+# ... measured in steps of this batch: a step of 16 takes about twice as long and the evaluation no longer, so the
+# reserve in steps halves. Unscaled, the 60-minute demo on the EPYC (2026-11-28, batch 16, ~7.5 s a step) kept
+# 115 steps (~14 min) for an evaluation of 200 records a task that took 5.9 min.
+RESERVE_BATCH = 8
+# Where the budget leaves more than TRAIN_SHARE allows, the stage may still grow up to the budget's end less this
+# many times the reserve for what follows it: that run ended its language stage at 46 of 60 minutes (the share's
+# cap) and finished at 47.6.
+RESERVE_MARGIN = 1.2
 PROBE_STEPS = 3.0
 # With a deadline the Trainer may run up to this many times the estimated steps: the clock ends the run. The estimate
 # times two random batches, whose task mix sets their length: on the EPYC (2026-11-28, four runs) it read 3.8, 4.9,
@@ -256,13 +264,12 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
                                                  seed=args.seed)
             elapsed = time.time() - started
             # what must still fit after the stage: the evaluation, the answers and the copy
-            steps_after = EVAL_STEPS_PER_RECORD * eval_limit + FINAL_STEPS
-            after = step_seconds * steps_after
-            train_seconds = max(60.0, min(TRAIN_SHARE * budget - elapsed * 0.5, budget - elapsed - after))
+            steps_after = steps_after_stage(eval_limit, batch_size)
+            train_seconds, latest_seconds = stage_seconds(budget, elapsed, step_seconds * steps_after)
             # the stage ends on the clock (CosineToDeadline): the step count is an estimate, the curve probes
             # taken out of it
             deadline = time.time() + train_seconds
-            latest = time.time() + max(60.0, TRAIN_SHARE * budget - elapsed * 0.5)  # the share it may grow to
+            latest = time.time() + latest_seconds  # how late the deadline may move if the steps run faster
             max_steps = max(20, int(train_seconds / step_seconds - PROBE_STEPS * probes))
             say(f"training ~{max_steps} steps at batch {batch_size} (~{step_seconds:.1f} s each) for "
                 f"{train_seconds / 60:.1f} min: the learning rate follows the clock to zero")
@@ -414,6 +421,22 @@ def train_batch_size(budget_minutes: float) -> int:
     return 8 if budget_minutes < SMALL_BATCH_BELOW_MINUTES else 16
 
 
+def steps_after_stage(eval_limit: int, batch_size: int) -> float:
+    """The language stage's steps (at `batch_size`) that the evaluation of `eval_limit` records a task and the demo's
+    last work take."""
+    return (EVAL_STEPS_PER_RECORD * eval_limit + FINAL_STEPS) * RESERVE_BATCH / batch_size
+
+
+def stage_seconds(budget: float, elapsed: float, after: float) -> tuple[float, float]:
+    """(planned, latest) seconds of the language stage from now, for a `budget` with `elapsed` seconds spent and
+    `after` seconds needed after the stage. The plan keeps TRAIN_SHARE of the budget for the stages; the deadline
+    may move later, while the run's own steps say the evaluation still fits, up to the larger of that share and
+    the budget less RESERVE_MARGIN times `after`."""
+    share = TRAIN_SHARE * budget - elapsed * 0.5
+    planned = max(60.0, min(share, budget - elapsed - after))
+    return planned, max(planned, share, budget - elapsed - RESERVE_MARGIN * after)
+
+
 def size_warm_up(budget_minutes: float, steps: int, step_seconds: float) -> tuple[int, int]:
     """(steps, batch) of the vision warm-up, given its planned steps and the measured seconds of one mask-phase step
     at batch 32: unchanged where they fit WARMUP_SHARE of the budget. Where they do not, a short budget (below
@@ -525,6 +548,17 @@ class CosineToDeadline(StopAtDeadline):
         return f"the stage's time is up after {state.global_step} steps (learning rate down to zero)"
 
 
+def tail_deadline(deadline: float, tail_seconds: float, latest: float | None, now: float | None = None) -> float:
+    """The focused tail's deadline, set when it starts: its planned `tail_seconds` from now, or the stage's
+    `deadline` if that is later, never past `latest`. The mixed run's deadline follows its own step time and may
+    end it after `deadline - tail_seconds`; a tail held to the planned `deadline` then starts with its time gone
+    (the 60-minute demo on the EPYC, 2026-11-28: the mixed run ended at 40.7 min, after the stage's planned end,
+    and the tail stopped after 1 step at a zero learning rate)."""
+    now = time.time() if now is None else now
+    planned = max(deadline, now + tail_seconds)
+    return planned if latest is None else min(latest, planned)
+
+
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
                         tail_steps: int, args, say, batch_size: int = 16, probes: int = 3,
                         deadline: float | None = None, tail_seconds: float = 0.0, budget_end: float | None = None,
@@ -553,6 +587,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
                      steps_after, latest))
     curve, minutes_before, steps_before = [], 0.0, 0
     for name, source, target, steps, weights, run_deadline, run_steps_after, run_latest in runs:
+        if name == "train-tail" and run_deadline is not None:
+            run_deadline = tail_deadline(run_deadline, tail_seconds, run_latest)
         if (target / "config.json").is_file():
             say(f"reusing {target}")
             if (out / f"curve-{name}.json").is_file():

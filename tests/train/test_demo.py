@@ -400,3 +400,55 @@ def test_the_demo_batch_must_split_into_its_micro_batches(tmp_path, synthetic, t
     with pytest.raises(ValueError, match=f"multiple of {MICRO_BATCHES}"):
         _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=2, seed=0,
                             batch_size=MICRO_BATCHES + 1)
+
+
+def test_the_tail_deadline_is_set_when_the_tail_starts():
+    from train.demo import tail_deadline
+
+    # the mixed run ended on plan: the tail keeps the stage's deadline
+    assert tail_deadline(100.0, 20.0, latest=130.0, now=80.0) == 100.0
+    # it ended late (its deadline followed faster steps): the tail still gets its planned seconds, up to `latest`
+    assert tail_deadline(100.0, 20.0, latest=130.0, now=105.0) == 125.0
+    assert tail_deadline(100.0, 20.0, latest=115.0, now=105.0) == 115.0
+    assert tail_deadline(100.0, 20.0, latest=None, now=105.0) == 125.0
+
+
+def test_the_reserve_after_the_stage_follows_the_batch_and_long_budgets_use_their_time():
+    from train.demo import RESERVE_BATCH, stage_seconds, steps_after_stage
+
+    # the evaluation costs the same at any training batch: in steps of 16 half what it is in steps of 8
+    assert steps_after_stage(200, 16) == pytest.approx(steps_after_stage(200, RESERVE_BATCH) / 2)
+    # the 10-minute default (EPYC numbers): planned and latest as the training share gives them
+    planned, latest = stage_seconds(600.0, 220.0, 126.0)
+    assert planned == pytest.approx(254.0) and latest == pytest.approx(0.62 * 600 - 110)
+    # the 60-minute run (17.5 min spent, ~7 min needed after the stage): the share alone would end the stage at
+    # 46 of 60 minutes; the deadline may now move up to the budget less 1.2x what follows
+    planned, latest = stage_seconds(3600.0, 1050.0, 420.0)
+    assert planned == pytest.approx(0.62 * 3600 - 525)
+    assert latest == pytest.approx(3600 - 1050 - 1.2 * 420) and latest > planned
+    # at least a minute, and never a latest end before the planned one, whatever the numbers
+    planned, latest = stage_seconds(600.0, 800.0, 300.0)
+    assert planned == 60.0 and latest == 60.0
+
+
+def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, synthetic, tiny_model_dir):
+    """The mixed run's deadline follows its own steps and may end it after the stage's planned end less the tail;
+    the tail then still gets its planned seconds (up to `latest`), not one step at a zero rate."""
+    import argparse
+    import time
+
+    from train.demo import _instruction_tuning
+
+    out, said = tmp_path / "demo", []
+    out.mkdir()
+    now = time.time()
+    # planned: the stage ends at now + 20, the last 10 s the tail's. Steps run far faster than the 100 + 100
+    # estimated, so the mixed run's deadline moves to `latest` less the tail's 10 s: now + 30
+    _instruction_tuning(out, tiny_model_dir, synthetic, out / "model", mixed_steps=100, tail_steps=100,
+                        args=argparse.Namespace(seed=0, frozen_llm=False), say=said.append, batch_size=8, probes=0,
+                        deadline=now + 20, tail_seconds=10.0, budget_end=now + 1000, steps_after=1.0,
+                        latest=now + 40)
+    stops = [int(re.search(r"after (\d+) steps", line).group(1)) for line in said if "time is up" in line]
+    assert len(stops) == 2, said
+    assert stops[1] >= 3, said  # held to now + 20, the tail would stop after its first step
+    assert (out / "model" / "config.json").is_file() and (out / "model-mixed" / "config.json").is_file()
