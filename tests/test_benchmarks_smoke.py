@@ -134,6 +134,24 @@ def test_warmup_ablation(tmp_path):
 
 
 @pytest.mark.slow
+def test_change_flag_benchmark(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_change_flag.py"), "--seeds", "3", "--pairs", "30",
+               "--steps", "2", "--batch-size", "4", "--validation-pairs", "3", "--data-root", str(tmp_path / "data"),
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "change_flag_warmup")
+    assert set(payload["histories"]) == {"seed3_weight0", "seed3_weight1"}
+    without, with_flag = payload["histories"]["seed3_weight0"], payload["histories"]["seed3_weight1"]
+    assert [entry["phase"] for entry in with_flag] == ["vision", "qformer"]
+    # only the run with the weight trains (and logs) the pair's yes/no; both are scored on the held-out pairs
+    assert "pair_change_loss" in with_flag[0] and "pair_change_loss" not in without[0]
+    assert all(0.0 <= run[-1]["val_change_accuracy"] <= 1.0 for run in (without, with_flag))
+    assert "| 3 | 0 |" in markdown and "| 3 | 1 |" in markdown
+
+
+@pytest.mark.slow
 def test_position_probe_benchmark(tmp_path):
     pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
     command = [sys.executable, str(REPO / "benchmarks" / "bench_position_probe.py"), "--pairs", "30", "--steps", "2",

@@ -14,7 +14,7 @@ from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
     HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
     UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
-    qformer_learning_rate, vision_learning_rate,
+    change_flag_weight, qformer_learning_rate, vision_learning_rate,
 )
 from train.synthetic import write_dataset
 
@@ -99,6 +99,7 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     warmup = json.loads((out / "warmup.json").read_text())
     phases = [entry["phase"] for entry in warmup]
     assert phases[0] == "vision" and phases[-2] == "qformer" and phases[-1] == "projection"
+    assert all("pair_change_loss" in entry for entry in warmup if entry["phase"] == "vision")  # a short budget's
     # each phase's rate follows the batch (at 16: masks 1e-3, Q-Former 2e-3); the log shows both
     for phase, rate in (("vision", vision_learning_rate), ("qformer", qformer_learning_rate)):
         entries = [entry for entry in warmup if entry["phase"] == phase]
@@ -223,6 +224,8 @@ def test_short_budgets_take_smaller_batches_and_fewer_probes():
     assert vision_learning_rate(32) == 3e-3 and vision_learning_rate(16) == 1e-3
     assert qformer_learning_rate(32) == 1e-3 and qformer_learning_rate(16) == 2e-3
     assert probes_per_run(10) == 1 and probes_per_run(60) == 3
+    # a short budget's mask phase also learns each pair's yes/no; a long one keeps the per-patch loss alone
+    assert change_flag_weight(10) > 0 and change_flag_weight(SMALL_BATCH_BELOW_MINUTES) == 0.0
     for steps in (1, 2, 3, 7, 20, 40, 41, 661):
         for probes in (1, 3):
             every = probe_every(steps, probes)
@@ -442,14 +445,15 @@ def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, s
     out, said = tmp_path / "demo", []
     out.mkdir()
     now = time.time()
-    # planned: the stage ends at now + 20, the last 10 s the tail's. The budget's end is far, so after three steps
-    # the mixed run's deadline moves to `latest` less the tail's 10 s: now + 30 (the step counts are only bounds)
+    # planned: the stage ends at now + 30, the last 20 s the tail's. The budget's end is far, so after three steps
+    # the mixed run's deadline moves to `latest` less the tail's 20 s: now + 30 (the step counts are only bounds).
+    # 20 s leave the tail its 3 steps also on a loaded machine (a tiny step took ~5 s beside another job).
     curve = _instruction_tuning(out, tiny_model_dir, synthetic, out / "model", mixed_steps=1000, tail_steps=1000,
                                 args=argparse.Namespace(seed=0, frozen_llm=False), say=said.append, batch_size=8,
-                                probes=0, deadline=now + 20, tail_seconds=10.0, budget_end=now + 1000,
-                                steps_after=1.0, latest=now + 40)
+                                probes=0, deadline=now + 30, tail_seconds=20.0, budget_end=now + 1000,
+                                steps_after=1.0, latest=now + 50)
     mixed_end = json.loads((out / "curve-train.json").read_text())[-1]["step"]
     assert any("time is up after" in line for line in said), said  # the clock, not the step bound, ended the mixed run
-    # held to now + 20, the tail would stop after its first step
+    # held to now + 30, the tail would stop after its first step
     assert curve[-1]["step"] - mixed_end >= 3, (said, curve)
     assert (out / "model" / "config.json").is_file() and (out / "model-mixed" / "config.json").is_file()

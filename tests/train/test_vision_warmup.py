@@ -11,8 +11,8 @@ from PIL import Image
 from processing.conversation import GRID_CELLS
 from train.synthetic import touched_cells, write_dataset
 from train.vision_warmup import (
-    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, dihedral, fact_targets, pair_facts, patch_cells,
-    patch_targets, warm_up_vision,
+    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, dihedral, fact_targets, pair_change_loss, pair_facts,
+    patch_cells, patch_targets, warm_up_vision,
 )
 
 
@@ -235,6 +235,54 @@ def test_position_weight_adds_the_position_term_to_the_mask_phase(synthetic, tin
     with pytest.raises(ValueError, match="position_weight"):
         warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
                        steps=1, position_weight=-1.0)
+
+
+def test_pair_change_loss_reads_each_pairs_most_confident_patch():
+    quiet = torch.full((1, 9, 2), -6.0)
+    one_loud_patch = quiet.clone()
+    one_loud_patch[0, 4, 1] = 6.0
+    unchanged, changed = torch.zeros(1, 9, 2), torch.zeros(1, 9, 2)
+    changed[0, 7, 0] = 1.0  # a road elsewhere: the pair changed, wherever its patches say so
+    assert pair_change_loss(quiet, unchanged) < 0.01 and pair_change_loss(one_loud_patch, changed) < 0.01
+    assert pair_change_loss(one_loud_patch, unchanged) > 5.0 and pair_change_loss(quiet, changed) > 5.0
+    # the gradient reaches the one patch that decides, and no other
+    logits = one_loud_patch.clone().requires_grad_(True)
+    pair_change_loss(logits, unchanged).backward()
+    assert logits.grad.nonzero().tolist() == [[0, 4, 1]]
+
+
+def test_change_flag_weight_adds_the_pairs_yes_no_to_the_mask_phase(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    runs = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4, log_every=1,
+                                 log=lambda _: None, change_flag_weight=weight)
+        runs[weight] = (model.state_dict(), history)
+    (off, off_history), (on, on_history) = runs[0.0], runs[1.0]
+    assert on_history[0]["loss"] > off_history[0]["loss"]  # the first step's loss gains the pair term
+    assert all(entry["pair_change_loss"] > 0 for entry in on_history)  # and the log shows it
+    assert not any("pair_change_loss" in entry for entry in off_history)
+    assert any(not torch.equal(off[k], on[k]) for k in off if k.startswith("vision_model."))
+    assert all(torch.equal(off[k], on[k]) for k in off if k.startswith(("qformer.", "language_model.")))
+    with pytest.raises(ValueError, match="change_flag_weight"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=1, change_flag_weight=-1.0)
+
+
+def test_patch_targets_cover_the_whole_image_when_the_side_is_no_multiple_of_the_grid(tmp_path):
+    mask = np.zeros((256, 256), np.uint8)
+    mask[100:140, 250:256] = BUILDING  # the last 6 px column: 256 px on 10 patches are 25.6 px each
+    mask[0:20, 0:20] = ROAD
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    targets = patch_targets([str(tmp_path / "mask.png")], grid=10)[0].unflatten(0, (10, 10))  # (row, column, 2)
+    # rows 102.4-153.6 px hold the building; row 3 ends at 102.4, its 2.4 px of it are under 5% of the patch
+    assert targets[..., 1].nonzero().tolist() == [[4, 9], [5, 9]]
+    assert targets[..., 0].nonzero().tolist() == [[0, 0]]
 
 
 def test_cell_query_probe_gives_each_cell_its_own_query():
