@@ -238,3 +238,58 @@ def test_tail_with_trainable_qformer_moves_the_qformer_and_not_the_vision_side(t
     assert vision and qformer
     assert all(torch.equal(before[name], after[name]) for name in vision)
     assert sum(not torch.equal(before[name], after[name]) for name in qformer) > len(qformer) // 2
+
+
+def _finished_demo_folder(run_dir: Path, binary_accuracy: float) -> dict:
+    """A demo folder as `deltavlm demo` leaves it, with the trivial answers' own scores as the model's except for
+    binary, which gets `binary_accuracy`."""
+    from train.demo import baseline_scores
+    from train.synthetic import write_dataset
+
+    write_dataset(run_dir / "data", 30, seed=0, variation="light")
+    tasks = baseline_scores(run_dir / "data", 4)
+    tasks["binary"] = {**tasks["binary"], "accuracy": binary_accuracy}
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "metrics.json").write_text(json.dumps({"tasks": tasks, "num_records": {"binary": 4, "count": 3}}))
+    (run_dir / "warmup.json").write_text(json.dumps([{"step": 0, "phase": "vision"},
+                                                     {"step": 1, "phase": "qformer", "val_change_accuracy": 0.75}]))
+    (run_dir / "curve.json").write_text(json.dumps([{"minutes": 0.5, "step": 3}, {"minutes": 1.5, "step": 7}]))
+    (run_dir / "demo.log").write_text("[  0.0 min] generating\n[  9.3 min] wrote results\n[ 10.1 min] saved\n")
+    return tasks
+
+
+def test_demo_seeds_collects_finished_runs_against_their_own_baselines(tmp_path, monkeypatch):
+    from benchmarks import bench_demo_seeds
+
+    _finished_demo_folder(tmp_path / "runs" / "seed0", binary_accuracy=100.0)
+    _finished_demo_folder(tmp_path / "runs" / "seed1", binary_accuracy=0.0)
+    # a finished folder is collected, never rerun (an interrupted sweep resumes)
+    monkeypatch.setattr(bench_demo_seeds, "run_seed", lambda *args: pytest.fail("reran a finished seed"))
+    bench_demo_seeds.main(["--seeds", "0", "1", "--root", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    payload, markdown = _load(tmp_path, "demo_default_seeds")
+    first, second = payload["runs"]["0"], payload["runs"]["1"]
+    assert first["records_per_task"] == 4 and first["language_steps"] == 7 and first["wall_minutes"] == 10.1
+    assert first["queries_change_accuracy"] == 0.75
+    # the same answers as the baseline do not beat it; a better binary accuracy does, a worse one does not
+    assert first["scores"]["binary"]["beats"] and not second["scores"]["binary"]["beats"]
+    for task in ("caption", "count", "localization", "open", "dialogue"):
+        assert first["scores"][task]["ours"] == first["scores"][task]["baseline"]
+        assert not first["scores"][task]["beats"]
+    assert "| 0 | 0.750 | 7 |" in markdown and "**0.00 (" in markdown
+    assert "Every baseline beaten in 0 of 2 runs" in markdown and "binary 1, count 2" in markdown
+
+
+@pytest.mark.slow
+def test_demo_seeds_runs_the_demo(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_demo_seeds.py"), "--seeds", "1", "--root",
+               str(tmp_path / "runs"), "--budget-minutes", "1", "--out", str(tmp_path), "--",
+               "--pairs", "40", "--eval-limit", "2", "--warmup-steps", "2", "--train-steps", "2"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "demo_default_seeds")
+    run = payload["runs"]["1"]
+    assert run["records_per_task"] == 2 and run["language_steps"] >= 1 and run["wall_minutes"] > 0
+    assert set(run["scores"]) == {"caption", "binary", "count", "localization", "open", "dialogue"}
+    assert (tmp_path / "runs" / "seed1" / "demo.log").is_file()
+    assert "--pairs 40" in markdown

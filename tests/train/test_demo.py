@@ -99,7 +99,9 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, sample_pairs):
     warmup = json.loads((out / "warmup.json").read_text())
     phases = [entry["phase"] for entry in warmup]
     assert phases[0] == "vision" and phases[-2] == "qformer" and phases[-1] == "projection"
-    assert all("pair_change_loss" in entry for entry in warmup if entry["phase"] == "vision")  # a short budget's
+    # a short budget's mask phase also trains each pair's yes/no, at batch 16 (its 1-minute warm-up never fits batch 32)
+    vision_entries = [entry for entry in warmup if entry["phase"] == "vision"]
+    assert vision_entries[0]["batch_size"] == 16 and all("pair_change_loss" in entry for entry in vision_entries)
     # each phase's rate follows the batch (at 16: masks 1e-3, Q-Former 2e-3); the log shows both
     for phase, rate in (("vision", vision_learning_rate), ("qformer", qformer_learning_rate)):
         entries = [entry for entry in warmup if entry["phase"] == phase]
@@ -147,6 +149,35 @@ def test_a_full_disk_while_saving_the_warmed_up_nano_leaves_nothing_to_reuse(tmp
     assert not (out / "nano-init" / "config.json").exists()  # a rerun builds and warms Nano up again
     assert not (out / ".nano-init.partial").exists()
     assert (out / "warmup.json").is_file() and (out / "data" / "metadata.json").is_file()
+
+
+@pytest.mark.parametrize("batch_size", [16, 32])
+def test_the_pairs_yes_no_trains_only_in_the_small_batch_warm_up(tmp_path, synthetic, tiny_processor, make_tiny_config,
+                                                                monkeypatch, batch_size):
+    """A 10-minute demo's mask phase adds each pair's yes/no at batch 16 (1e-3), never at batch 32 (3e-3), where a
+    fast machine's short budget puts it and the term killed the mask probe (seed 4, 2026-11-28)."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    import modeling_deltavlm.build_nano as build_nano_module
+    import train.demo as demo
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    def stop_after_the_warm_up(self, save_directory, *args, **kwargs):
+        raise SafetensorError("stop here: the warm-up log is written")
+
+    monkeypatch.setattr(build_nano_module, "build_nano",
+                        lambda seed=0, use_difference_module=True: (DeltaVLMForConditionalGeneration(make_tiny_config()),
+                                                                    tiny_processor))
+    monkeypatch.setattr(demo, "_measure_warmup_step_seconds", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(demo, "size_warm_up", lambda budget_minutes, steps, step_seconds: (2, batch_size))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", stop_after_the_warm_up)
+    out = tmp_path / "demo"
+    shutil.copytree(synthetic, out / "data")
+    assert main(["--out", str(out), "--no-projection-alignment", "--no-save"]) == 1
+    vision = [entry for entry in json.loads((out / "warmup.json").read_text()) if entry["phase"] == "vision"]
+    assert vision and all(entry["batch_size"] <= batch_size for entry in vision)  # 32 is cut to the data's 28 pairs
+    assert all(("pair_change_loss" in entry) == (batch_size == 16) for entry in vision)
 
 
 def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):
@@ -224,8 +255,10 @@ def test_short_budgets_take_smaller_batches_and_fewer_probes():
     assert vision_learning_rate(32) == 3e-3 and vision_learning_rate(16) == 1e-3
     assert qformer_learning_rate(32) == 1e-3 and qformer_learning_rate(16) == 2e-3
     assert probes_per_run(10) == 1 and probes_per_run(60) == 3
-    # a short budget's mask phase also learns each pair's yes/no; a long one keeps the per-patch loss alone
-    assert change_flag_weight(10) > 0 and change_flag_weight(SMALL_BATCH_BELOW_MINUTES) == 0.0
+    # a short budget's small-batch mask phase also learns each pair's yes/no; a long one keeps the per-patch loss
+    # alone, and so does batch 32 at its 3e-3 (where the term killed the mask probe at seed 4)
+    assert change_flag_weight(10, 16) > 0 and change_flag_weight(SMALL_BATCH_BELOW_MINUTES, 16) == 0.0
+    assert change_flag_weight(10, 32) == 0.0
     for steps in (1, 2, 3, 7, 20, 40, 41, 661):
         for probes in (1, 3):
             every = probe_every(steps, probes)

@@ -1,0 +1,120 @@
+"""The offline default across seeds: `deltavlm demo --seed N` for several seeds, each beside its own baselines.
+
+    python benchmarks/bench_demo_seeds.py [--seeds 0 1 2 3 4 5 6 7] [--root DIR] [--budget-minutes 10]
+        [-- <more demo arguments>]
+
+Each seed is its own data set, warm-up and language stage, so its own trivial baselines (`train.demo.
+baseline_scores` on the same test records). The runs go one after the other, each in a fresh process (the demo is
+clock-driven: never run anything else beside it). A seed whose folder `DIR/seed<N>` already holds an evaluation
+is collected, not rerun, so an interrupted sweep resumes where it stopped. For each run the table gives the
+queries' held-out change accuracy after the warm-up, the language-stage steps, each task's headline score beside
+its baseline (bold: not better), and the wall time the demo itself reported at its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+TASKS = ("caption", "binary", "count", "localization", "open", "dialogue")
+ELAPSED = re.compile(r"^\[\s*([0-9.]+) min\]", re.MULTILINE)
+
+
+def run_seed(run_dir: Path, seed: int, budget_minutes: float, extra: list[str]) -> None:
+    """One demo in its own process, its output kept beside its results (`demo.log`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = ["deltavlm", "demo", "--seed", str(seed), "--out", str(run_dir), "--no-save",
+               "--budget-minutes", f"{budget_minutes:g}", *extra]
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command)}", flush=True)
+    with open(run_dir / "demo.log", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        raise RuntimeError(f"the demo for seed {seed} failed with exit code {code}: see {run_dir / 'demo.log'}")
+
+
+def collect(run_dir: Path) -> dict:
+    """What one finished demo folder says: scores, baselines, warm-up and language-stage figures, wall time."""
+    from train.demo import HEADLINE, baseline_scores, headline
+
+    evaluation = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics = evaluation["tasks"]
+    limit = max(evaluation["num_records"].values())  # the demo's --eval-limit: every task is cut to it
+    baselines = baseline_scores(run_dir / "data", limit)
+    scores = {}
+    for task in TASKS:
+        ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
+        higher_is_better = HEADLINE[task][1]
+        scores[task] = {"ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
+    warmup = json.loads((run_dir / "warmup.json").read_text())
+    accuracies = [entry["val_change_accuracy"] for entry in warmup if "val_change_accuracy" in entry]
+    curve = json.loads((run_dir / "curve.json").read_text())
+    log = (run_dir / "demo.log").read_text() if (run_dir / "demo.log").is_file() else ""
+    elapsed = ELAPSED.findall(log)
+    return {
+        "scores": scores,
+        "records_per_task": limit,
+        "queries_change_accuracy": accuracies[-1] if accuracies else None,
+        "language_steps": curve[-1]["step"] if curve else None,
+        "wall_minutes": float(elapsed[-1]) if elapsed else None,
+    }
+
+
+def markdown(results: dict) -> str:
+    header = ["seed", "queries' change accuracy", "language steps", *TASKS, "wall (min)"]
+    rows = []
+    for seed, run in results.items():
+        cells = []
+        for task in TASKS:
+            score = run["scores"][task]
+            text = f"{score['ours']:.2f} ({score['baseline']:.2f})"
+            cells.append(text if score["beats"] else f"**{text}**")
+        accuracy = run["queries_change_accuracy"]
+        rows.append([seed, "–" if accuracy is None else f"{accuracy:.3f}", run["language_steps"] or "–", *cells,
+                     "–" if run["wall_minutes"] is None else f"{run['wall_minutes']:.1f}"])
+    all_six = sum(all(score["beats"] for score in run["scores"].values()) for run in results.values())
+    lost = {task: sum(not run["scores"][task]["beats"] for run in results.values()) for task in TASKS}
+    losses = ", ".join(f"{task} {count}" for task, count in lost.items() if count) or "none"
+    return (f"{common.markdown_table(header, rows)}\n\nScore (baseline); bold: not better than the baseline. "
+            f"Every baseline beaten in {all_six} of {len(results)} runs; runs not beating a task's baseline: "
+            f"{losses}.\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
+    parser.add_argument("--root", default="deltavlm-demo-seeds", help="folder of the runs (seed<N> each; reused)")
+    parser.add_argument("--budget-minutes", type=float, default=10.0)
+    parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
+    parser.add_argument("--name", default="demo_default_seeds", help="results file stem")
+    parser.add_argument("demo_args", nargs="*", help="more `deltavlm demo` arguments (after --)")
+    args = parser.parse_args(argv)
+    info = common.machine_info()
+    root = Path(args.root)
+    results = {}
+    for seed in args.seeds:
+        run_dir = root / f"seed{seed}"
+        if not (run_dir / "eval" / "metrics.json").is_file():
+            run_seed(run_dir, seed, args.budget_minutes, args.demo_args)
+        results[seed] = collect(run_dir)
+        print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: " + ", ".join(
+            f"{task} {s['ours']:.2f} ({s['baseline']:.2f})" for task, s in results[seed]["scores"].items()), flush=True)
+    table = markdown(results)
+    text = (f"`deltavlm demo --budget-minutes {args.budget_minutes:g}` "
+            f"{' '.join(args.demo_args)} on seeds {', '.join(map(str, args.seeds))}: each seed its own synthetic "
+            f"data, warm-up and baselines (on the same held-out records).\n\n{table}")
+    payload = {"benchmark": "demo_default_seeds", "budget_minutes": args.budget_minutes, "demo_args": args.demo_args,
+               "seeds": args.seeds, "runs": results, "machine": info}
+    common.save(args.name, payload, text, args.out)
+
+
+if __name__ == "__main__":
+    main()
