@@ -1,14 +1,22 @@
 """The offline default across seeds: `deltavlm demo --seed N` for several seeds, each beside its own baselines.
 
     python benchmarks/bench_demo_seeds.py [--seeds 0 1 2 3 4 5 6 7] [--root DIR] [--budget-minutes 10]
-        [-- <more demo arguments>]
+        [--from-sweep EARLIER_ROOT] [-- <more demo arguments>]
 
 Each seed is its own data set, warm-up and language stage, so its own trivial baselines (`train.demo.
 baseline_scores` on the same test records). The runs go one after the other, each in a fresh process (the demo is
 clock-driven: never run anything else beside it). A seed whose folder `DIR/seed<N>` already holds an evaluation
 is collected, not rerun, so an interrupted sweep resumes where it stopped. For each run the table gives the
 queries' held-out change accuracy after the warm-up, the language-stage steps, each task's headline score beside
-its baseline (bold: not better), and the wall time the demo itself reported at its end.
+its baseline (bold: not better), the dialogues' closing answers that contradict the pair's change flag
+(an unchanged pair described as changed, a changed pair as unchanged: each costs a dialogue's CIDEr far more than
+a weak description does), and the wall time the demo itself reported at its end.
+
+`--from-sweep EARLIER_ROOT` reruns only the language stage of an earlier sweep under other demo arguments (an
+A/B of a training setting): each seed starts from that sweep's data and warm-up (`data/`, `nano-init/`, which the
+demo reuses) and trains the number of steps that sweep's run reached. A fixed step count runs its learning-rate
+schedule over steps instead of to a deadline, so compare such reruns with each other (one of them with the
+setting at its default), not with the clock-driven sweep.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +50,46 @@ def run_seed(run_dir: Path, seed: int, budget_minutes: float, extra: list[str]) 
         raise RuntimeError(f"the demo for seed {seed} failed with exit code {code}: see {run_dir / 'demo.log'}")
 
 
+def reuse_warmup(run_dir: Path, earlier_run: Path) -> int:
+    """Copy an earlier run's data and warmed-up model into `run_dir`; returns that run's language-stage steps."""
+    for name in ("data", "nano-init"):
+        if not (earlier_run / name).is_dir():
+            raise FileNotFoundError(f"--from-sweep: {earlier_run / name} is missing (not a finished demo folder)")
+        if not (run_dir / name).exists():
+            shutil.copytree(earlier_run / name, run_dir / name)
+    if (earlier_run / "warmup.json").is_file():  # the warm-up's record: the demo that reuses it writes none
+        shutil.copy(earlier_run / "warmup.json", run_dir / "warmup.json")
+    curve = json.loads((earlier_run / "curve.json").read_text())
+    return curve[-1]["step"]
+
+
+def closing_turn_errors(run_dir: Path) -> dict | None:
+    """The dialogues' last answers against their pair's change flag, from the demo's `eval/predictions.jsonl`:
+    {"unchanged", "unchanged_called_changed", "changed", "changed_called_unchanged"}. A pair is unchanged when its
+    closing reference is a LEVIR-CC no-change sentence; an answer says "unchanged" when it is one of them. None
+    without predictions."""
+    from eval.metrics import NO_CHANGE_TEMPLATES, normalize_caption
+
+    path = run_dir / "eval" / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    last: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("task") == "dialogue" and entry["turn"] >= last.get(entry["id"], {}).get("turn", 0):
+            last[entry["id"]] = entry
+    counts = dict.fromkeys(("unchanged", "unchanged_called_changed", "changed", "changed_called_unchanged"), 0)
+    for entry in last.values():
+        says_unchanged = normalize_caption(entry["prediction"]) in NO_CHANGE_TEMPLATES
+        if all(normalize_caption(reference) in NO_CHANGE_TEMPLATES for reference in entry["references"]):
+            counts["unchanged"] += 1
+            counts["unchanged_called_changed"] += not says_unchanged
+        else:
+            counts["changed"] += 1
+            counts["changed_called_unchanged"] += says_unchanged
+    return counts
+
+
 def collect(run_dir: Path) -> dict:
     """What one finished demo folder says: scores, baselines, warm-up and language-stage figures, wall time."""
     from train.demo import HEADLINE, baseline_scores, headline
@@ -54,7 +103,7 @@ def collect(run_dir: Path) -> dict:
         ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
         higher_is_better = HEADLINE[task][1]
         scores[task] = {"ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
-    warmup = json.loads((run_dir / "warmup.json").read_text())
+    warmup = json.loads((run_dir / "warmup.json").read_text()) if (run_dir / "warmup.json").is_file() else []
     accuracies = [entry["val_change_accuracy"] for entry in warmup if "val_change_accuracy" in entry]
     curve = json.loads((run_dir / "curve.json").read_text())
     log = (run_dir / "demo.log").read_text() if (run_dir / "demo.log").is_file() else ""
@@ -64,12 +113,14 @@ def collect(run_dir: Path) -> dict:
         "records_per_task": limit,
         "queries_change_accuracy": accuracies[-1] if accuracies else None,
         "language_steps": curve[-1]["step"] if curve else None,
+        "dialogue_closing_turn": closing_turn_errors(run_dir),
         "wall_minutes": float(elapsed[-1]) if elapsed else None,
     }
 
 
 def markdown(results: dict) -> str:
-    header = ["seed", "queries' change accuracy", "language steps", *TASKS, "wall (min)"]
+    header = ["seed", "queries' change accuracy", "language steps", *TASKS,
+              "closing turn: unchanged called changed / changed called unchanged", "wall (min)"]
     rows = []
     for seed, run in results.items():
         cells = []
@@ -77,9 +128,11 @@ def markdown(results: dict) -> str:
             score = run["scores"][task]
             text = f"{score['ours']:.2f} ({score['baseline']:.2f})"
             cells.append(text if score["beats"] else f"**{text}**")
-        accuracy = run["queries_change_accuracy"]
+        accuracy, closing = run["queries_change_accuracy"], run.get("dialogue_closing_turn")
+        flags = "–" if closing is None else (f"{closing['unchanged_called_changed']} of {closing['unchanged']} / "
+                                             f"{closing['changed_called_unchanged']} of {closing['changed']}")
         rows.append([seed, "–" if accuracy is None else f"{accuracy:.3f}", run["language_steps"] or "–", *cells,
-                     "–" if run["wall_minutes"] is None else f"{run['wall_minutes']:.1f}"])
+                     flags, "–" if run["wall_minutes"] is None else f"{run['wall_minutes']:.1f}"])
     all_six = sum(all(score["beats"] for score in run["scores"].values()) for run in results.values())
     lost = {task: sum(not run["scores"][task]["beats"] for run in results.values()) for task in TASKS}
     losses = ", ".join(f"{task} {count}" for task, count in lost.items() if count) or "none"
@@ -95,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     parser.add_argument("--name", default="demo_default_seeds", help="results file stem")
+    parser.add_argument("--from-sweep", default=None, metavar="EARLIER_ROOT",
+                        help="rerun only the language stage of the sweep in this folder: same data, warm-up and steps")
     parser.add_argument("demo_args", nargs="*", help="more `deltavlm demo` arguments (after --)")
     args = parser.parse_args(argv)
     info = common.machine_info()
@@ -103,16 +158,22 @@ def main(argv=None):
     for seed in args.seeds:
         run_dir = root / f"seed{seed}"
         if not (run_dir / "eval" / "metrics.json").is_file():
-            run_seed(run_dir, seed, args.budget_minutes, args.demo_args)
+            extra = list(args.demo_args)
+            if args.from_sweep:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                extra += ["--train-steps", str(reuse_warmup(run_dir, Path(args.from_sweep) / f"seed{seed}"))]
+            run_seed(run_dir, seed, args.budget_minutes, extra)
         results[seed] = collect(run_dir)
         print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: " + ", ".join(
             f"{task} {s['ours']:.2f} ({s['baseline']:.2f})" for task, s in results[seed]["scores"].items()), flush=True)
     table = markdown(results)
+    origin = (f" from the data and warm-up of the sweep in `{args.from_sweep}`, its language-stage steps at a fixed "
+              f"count" if args.from_sweep else "")
     text = (f"`deltavlm demo --budget-minutes {args.budget_minutes:g}` "
-            f"{' '.join(args.demo_args)} on seeds {', '.join(map(str, args.seeds))}: each seed its own synthetic "
-            f"data, warm-up and baselines (on the same held-out records).\n\n{table}")
+            f"{' '.join(args.demo_args)} on seeds {', '.join(map(str, args.seeds))}{origin}: each seed its own "
+            f"synthetic data, warm-up and baselines (on the same held-out records).\n\n{table}")
     payload = {"benchmark": "demo_default_seeds", "budget_minutes": args.budget_minutes, "demo_args": args.demo_args,
-               "seeds": args.seeds, "runs": results, "machine": info}
+               "from_sweep": args.from_sweep, "seeds": args.seeds, "runs": results, "machine": info}
     common.save(args.name, payload, text, args.out)
 
 

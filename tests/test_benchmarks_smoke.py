@@ -1,6 +1,7 @@
 """Smoke test: every benchmark script runs end to end on the tiny config with one repeat (no timing asserts)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -277,6 +278,64 @@ def test_demo_seeds_collects_finished_runs_against_their_own_baselines(tmp_path,
         assert not first["scores"][task]["beats"]
     assert "| 0 | 0.750 | 7 |" in markdown and "**0.00 (" in markdown
     assert "Every baseline beaten in 0 of 2 runs" in markdown and "binary 1, count 2" in markdown
+
+
+def _closing_turns(run_dir: Path, answers: list[tuple[str, str]]) -> None:
+    """eval/predictions.jsonl with one two-turn dialogue per (closing reference, closing answer)."""
+    lines = []
+    for n, (reference, answer) in enumerate(answers):
+        for turn, (ref, pred) in enumerate([("Yes", "yes"), (reference, answer)], start=1):
+            lines.append({"id": f"p{n}_dialog", "task": "dialogue", "turn": turn, "prediction": pred, "references": [ref]})
+    lines.append({"id": "p0", "task": "caption", "turn": 1, "prediction": "a road is built",
+                  "references": ["there is no difference"]})  # not a dialogue: not counted
+    (run_dir / "eval" / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_demo_seeds_counts_closing_answers_that_contradict_the_change_flag(tmp_path):
+    from benchmarks import bench_demo_seeds
+
+    run = tmp_path / "seed0"
+    _finished_demo_folder(run, binary_accuracy=100.0)
+    assert bench_demo_seeds.closing_turn_errors(run) is None  # no predictions kept: nothing to count
+    _closing_turns(run, [("there is no difference .", "There is no difference."),
+                         ("the scene is the same as before", "a road is built on the left"),
+                         ("a house is built", "almost nothing has changed"),
+                         ("a house is built", "two houses are built"),
+                         ("a road appears", "a road appears")])
+    assert bench_demo_seeds.closing_turn_errors(run) == {
+        "unchanged": 2, "unchanged_called_changed": 1, "changed": 3, "changed_called_unchanged": 1}
+    bench_demo_seeds.main(["--seeds", "0", "--root", str(tmp_path), "--out", str(tmp_path / "results")])
+    _, markdown = _load(tmp_path / "results", "demo_default_seeds")
+    assert "| 1 of 2 / 1 of 3 |" in markdown
+
+
+def test_demo_seeds_from_an_earlier_sweep_reuse_its_warm_up_and_step_count(tmp_path, monkeypatch):
+    from benchmarks import bench_demo_seeds
+
+    earlier = tmp_path / "earlier" / "seed3"
+    _finished_demo_folder(earlier, binary_accuracy=100.0)
+    (earlier / "nano-init").mkdir()
+    (earlier / "nano-init" / "config.json").write_text("{}")
+    calls = []
+
+    def fake_demo(run_dir, seed, budget_minutes, extra):
+        calls.append((seed, extra))
+        assert (run_dir / "nano-init" / "config.json").is_file() and (run_dir / "data").is_dir()
+        assert json.loads((run_dir / "warmup.json").read_text())[-1]["val_change_accuracy"] == 0.75
+        shutil.copytree(earlier / "eval", run_dir / "eval")
+        shutil.copy(earlier / "curve.json", run_dir / "curve.json")
+
+    monkeypatch.setattr(bench_demo_seeds, "run_seed", fake_demo)
+    bench_demo_seeds.main(["--seeds", "3", "--root", str(tmp_path / "rerun"), "--from-sweep", str(tmp_path / "earlier"),
+                           "--out", str(tmp_path), "--name", "rerun", "--", "--dialogue-image-swap", "0.5"])
+    # the earlier run's curve ends at step 7: the rerun trains exactly that many steps, under the new arguments
+    assert calls == [(3, ["--dialogue-image-swap", "0.5", "--train-steps", "7"])]
+    payload, markdown = _load(tmp_path, "rerun")
+    assert payload["from_sweep"] == str(tmp_path / "earlier") and "warm-up of the sweep in" in markdown
+    (tmp_path / "earlier" / "seed4" / "data").mkdir(parents=True)  # a run that stopped before its warm-up ended
+    with pytest.raises(FileNotFoundError, match="seed4/nano-init is missing"):
+        bench_demo_seeds.main(["--seeds", "4", "--root", str(tmp_path / "rerun"), "--from-sweep",
+                               str(tmp_path / "earlier"), "--out", str(tmp_path)])
 
 
 @pytest.mark.slow

@@ -84,6 +84,11 @@ class DataArguments:
                   "'{\"localization\": 3}' on the command line: a sample of a task weighted w appears floor(w) "
                   "times, plus once more with probability w - floor(w); unnamed tasks keep weight 1"},
     )
+    dialogue_image_swap: float = field(
+        default=0.0,
+        metadata={"help": "share of the dialogues' closing rounds trained on another dialogue's images, so that the "
+                  "answer must follow the conversation so far (train.data.swap_closing_round_images)"},
+    )
     length_window_steps: int = field(
         default=4,
         metadata={"help": "with training.train_sampling_strategy group_by_length: optimizer steps per window of "

@@ -160,6 +160,42 @@ def records_to_samples(records: datasets.Dataset, template: str = "deltavlm", ca
     return samples.map(lambda _, i: {"index": i}, with_indices=True, features=SAMPLE_FEATURES)
 
 
+def swap_closing_round_images(samples: datasets.Dataset, share: float, seed: int = 0) -> datasets.Dataset:
+    """Train a `share` of the dialogues' closing rounds on another dialogue's images (one draw per closing round
+    from `seed`, so a run and its resumption agree).
+
+    A closing round's prompt carries the conversation so far (the earlier rounds' true answers: changed or not,
+    how many roads and buildings), and in the data the images always agree with it, so a short run learns to
+    answer from the images alone and contradicts the conversation whenever the images are misread (an unchanged
+    pair described as changed after "no"). With the images of another pair the conversation is the only reliable
+    cue for whether and what changed. The closing round is the last of a dialogue's samples (they are contiguous).
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.dialogue_image_swap must lie in [0, 1], got {share!r}")
+    if share == 0.0:
+        return samples
+    ids, tasks = samples["id"], samples["task"]
+    closing = [i for i, task in enumerate(tasks) if task == "dialogue" and (i + 1 == len(ids) or ids[i + 1] != ids[i])]
+    if len(closing) < 2:
+        return samples
+    rng = np.random.default_rng(seed)
+    chosen = [i for i, draw in zip(closing, rng.random(len(closing))) if draw < share]
+    # each chosen round takes the images of a different closing round (a random one, never its own)
+    offsets = rng.integers(1, len(closing), size=len(chosen))
+    position = {index: k for k, index in enumerate(closing)}
+    donors = {i: closing[(position[i] + offset) % len(closing)] for i, offset in zip(chosen, offsets)}
+    before, after = samples["image_before"], samples["image_after"]
+    logger.info("data.dialogue_image_swap %g: %d of %d dialogues' closing rounds on another dialogue's images",
+                share, len(donors), len(closing))
+
+    def swap(row, i):
+        if i in donors:
+            return {"image_before": before[donors[i]], "image_after": after[donors[i]]}
+        return {}
+
+    return samples.map(swap, with_indices=True, features=SAMPLE_FEATURES, load_from_cache_file=False)
+
+
 def parse_task_weights(value) -> dict[str, float] | None:
     """`data.task_weights` (a mapping, a JSON string of one, or None) -> {task: weight}, checked."""
     if value is None:
@@ -229,6 +265,7 @@ __all__ = [
     "load_val_records",
     "parse_task_weights",
     "records_to_samples",
+    "swap_closing_round_images",
     "render_sample",
     "task_mix",
     "weigh_tasks",

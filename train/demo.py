@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the instruction-tuning steps that end the stage on localization and count "
                              f"answers only (default: {FOCUSED_TAIL_SHARE} from a {FOCUSED_TAIL_MIN_MINUTES:g}-minute "
                              "budget up, else 0)")
+    parser.add_argument("--dialogue-image-swap", type=float, default=DIALOGUE_IMAGE_SWAP, metavar="SHARE",
+                        help="share of the dialogues' closing rounds trained on another pair's images, so that the "
+                             f"closing answer follows the conversation (default: {DIALOGUE_IMAGE_SWAP})")
     parser.add_argument("--save-to", default=None, help="where to save the model (default: $DELTAVLM_HOME or ~/.cache/deltavlm/nano)")
     parser.add_argument("--no-save", action="store_true", help="do not copy the model to the default location")
     return parser
@@ -169,6 +172,10 @@ def main(argv=None) -> int:
             return 2
     if args.focused_tail is not None and not 0 <= args.focused_tail < 1:
         print(f"deltavlm demo: error: --focused-tail must lie in [0, 1), got {args.focused_tail}", file=sys.stderr)
+        return 2
+    if not 0 <= args.dialogue_image_swap <= 1:
+        print(f"deltavlm demo: error: --dialogue-image-swap must lie in [0, 1], got {args.dialogue_image_swap}",
+              file=sys.stderr)
         return 2
     if args.budget_minutes <= 0:
         print("deltavlm demo: error: --budget-minutes must be positive", file=sys.stderr)
@@ -414,6 +421,15 @@ class BackgroundGeneration:
 # 137, dialogue 523 against 534.
 # Short budgets keep every step on the mix: at 10 minutes the stage has ~60 steps and the captions are still forming.
 FOCUSED_TAIL_SHARE = 0.25
+# Half of the dialogues' closing rounds train on another dialogue's images (train.data.swap_closing_round_images), so
+# the closing description follows the conversation ("No" / "Yes, 2 buildings") rather than a misread of the images.
+# Without it the 10-minute model's closing answer contradicted the conversation's change flag in 0-5 of 40 test
+# dialogues (a changed pair called unchanged, or an unchanged pair described as changed: each costs up to 25
+# final-turn CIDEr points). From the same warm-ups and step counts (seeds 1, 2, 4, 0; EPYC, 2026-11-28;
+# benchmarks/results/demo_dialogue_image_swap_*.md): contradictions 4, 4, 4, 0 -> 0 in every run, dialogue
+# +28.3, +42.7, +5.5, +3.7, binary +2.5 in three runs; caption -4.1, -2.1, +2.6, 0.0 and open QA -1.1, -7.2, +44.5,
+# 0.0, both still far above their baselines.
+DIALOGUE_IMAGE_SWAP = 0.5
 FOCUSED_TAIL_MIN_MINUTES = 30.0
 FOCUSED_TAIL_WEIGHTS = {"localization": 1.0, "count": 1.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
 # Without a tail (short budgets), the mixed run samples localization twice as often as the file holds it. The data
@@ -627,7 +643,8 @@ def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
         # room for a machine faster than timed
         bound = steps if run_deadline is None else math.ceil(DEADLINE_STEP_ROOM * steps)
         config_path = _write_train_config(out, source, data_dir, target, bound, args.seed, lora=not args.frozen_llm,
-                                          task_weights=weights, name=name, batch_size=batch_size)
+                                          task_weights=weights, name=name, batch_size=batch_size,
+                                          dialogue_image_swap=args.dialogue_image_swap)
         # a run followed by another scores its own end: the curve then shows what the tail changed
         probe = CurveCallback(data_dir, processor, every=probe_every(steps, probes), seed=args.seed,
                               minutes_before=minutes_before, steps_before=steps_before,
@@ -716,7 +733,7 @@ def _align_projection(model, processor, data_dir: Path, vision_cache, seed: int,
 
 def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, max_steps: int, seed: int,
                         lora: bool = True, task_weights: dict | None = None, name: str = "train",
-                        batch_size: int = 16) -> Path:
+                        batch_size: int = 16, dialogue_image_swap: float = 0.0) -> Path:
     if batch_size % MICRO_BATCHES:
         raise ValueError(f"the demo's batch size must be a multiple of {MICRO_BATCHES} (its micro-batches), "
                          f"got {batch_size}")
@@ -730,6 +747,7 @@ def _write_train_config(out: Path, init_dir: Path, data_dir: Path, model_dir: Pa
             # one caption sample per pair: with all five, captions would be ~45% of a short run's samples
             "captions_per_pair": "first",
             "task_weights": task_weights,
+            "dialogue_image_swap": dialogue_image_swap,
             "length_window_steps": 1,
             # every stretch of steps sees the tasks and their answers in the data's proportions (train.sample_order):
             # from one warm-up (EPYC, 2026-11-27), 45 steps of the random order at seed 0 drew 17 change captions

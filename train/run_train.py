@@ -23,6 +23,7 @@ from .data import (
     load_val_records,
     parse_task_weights,
     records_to_samples,
+    swap_closing_round_images,
     task_mix,
     weigh_tasks,
 )
@@ -51,6 +52,8 @@ def main(argv=None, callbacks=()) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
     data_args.task_weights = parse_task_weights(data_args.task_weights)  # a typo'd task name fails before any loading
+    if not 0.0 <= data_args.dialogue_image_swap <= 1.0:
+        raise ValueError(f"data.dialogue_image_swap must lie in [0, 1], got {data_args.dialogue_image_swap}")
     training_args.resume_from_checkpoint = complete_checkpoint(training_args.resume_from_checkpoint,
                                                                training_args.output_dir)
     if export_args.reference_language_model and (model_args.lora or model_args.qlora) and export_args.merge_lora:
@@ -59,6 +62,7 @@ def main(argv=None, callbacks=()) -> int:
     # data first: a bad annotation file or a missing image must not wait for a 7B model to load
     train_records = load_train_records(data_args)
     train_samples = records_to_samples(train_records, data_args.template, data_args.captions_per_pair)
+    train_samples = swap_closing_round_images(train_samples, data_args.dialogue_image_swap, seed=training_args.seed)
     train_samples = weigh_tasks(train_samples, data_args.task_weights, seed=training_args.seed)
     val_records = load_val_records(data_args)
     logger.info("%d training samples from %d records; %s validation pairs", len(train_samples), len(train_records),

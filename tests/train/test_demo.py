@@ -12,7 +12,7 @@ from PIL import Image
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
-    HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
+    DIALOGUE_IMAGE_SWAP, HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
     UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
     change_flag_weight, qformer_learning_rate, vision_learning_rate,
 )
@@ -195,10 +195,17 @@ def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, sy
     out = tmp_path / "demo"
     shutil.copytree(synthetic, out / "data")
     shutil.copytree(tiny_model_dir, out / "nano-init")
-    with caplog.at_level(logging.INFO, logger="deltavlm.train"):
+    with caplog.at_level(logging.INFO):
         assert main(["--out", str(out), "--train-steps", "2", "--eval-limit", "2", "--no-save"]) == 0
     config = yaml.safe_load((out / "train_config.yaml").read_text())
     assert config["data"]["task_weights"] == UNTAILED_TASK_WEIGHTS == {"localization": 2.0, "caption": 2.0}
+    # half of the dialogues' closing rounds train on another dialogue's images (one dialogue a training pair)
+    assert config["data"]["dialogue_image_swap"] == DIALOGUE_IMAGE_SWAP == 0.5
+    train_records = json.loads((out / "data" / "annotations" / "changechat_train.json").read_text())
+    dialogues = sum(record["id"].endswith("_dialog") for record in train_records)
+    swap = next(record.getMessage() for record in caplog.records if "closing rounds" in record.getMessage())
+    moved, closing = map(int, re.search(r"(\d+) of (\d+) dialogues' closing rounds", swap).groups())
+    assert closing == dialogues and 0 < moved < closing
     assert not (out / "train-tail_config.yaml").exists()
     mix = next(record.getMessage() for record in caplog.records if "training mix" in record.getMessage())
     shares = dict(re.findall(r"(\w+) (\d+) \(", mix))
@@ -244,6 +251,13 @@ def test_focused_tail_ends_the_language_stage_on_localization_and_counts(tmp_pat
 def test_focused_tail_share_is_checked(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--focused-tail", "1.0"]) == 2
     assert "--focused-tail must lie in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5"])
+def test_dialogue_image_swap_share_is_checked(tmp_path, capsys, share):
+    assert main(["--out", str(tmp_path), "--dialogue-image-swap", share]) == 2
+    assert "--dialogue-image-swap must lie in [0, 1]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any data is written
 
 
 def test_short_budgets_take_smaller_batches_and_fewer_probes():
@@ -490,7 +504,8 @@ def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, s
     # the mixed run's deadline moves to `latest` less the tail's 20 s: now + 30 (the step counts are only bounds).
     # 20 s leave the tail its 3 steps also on a loaded machine (a tiny step took ~5 s beside another job).
     curve = _instruction_tuning(out, tiny_model_dir, synthetic, out / "model", mixed_steps=1000, tail_steps=1000,
-                                args=argparse.Namespace(seed=0, frozen_llm=False), say=said.append, batch_size=8,
+                                args=argparse.Namespace(seed=0, frozen_llm=False, dialogue_image_swap=0.5),
+                                say=said.append, batch_size=8,
                                 probes=0, deadline=now + 30, tail_seconds=20.0, budget_end=now + 1000,
                                 steps_after=1.0, latest=now + 50)
     mixed_end = json.loads((out / "curve-train.json").read_text())[-1]["step"]

@@ -249,3 +249,35 @@ def test_task_weights_from_the_command_line_fail_before_loading(tmp_path, shared
     config = config_without_a_model(tmp_path, tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown task 'loc'"):
         main(["--config", str(config), "--task_weights", '{"loc": 2}'])
+    with pytest.raises(ValueError, match=r"data.dialogue_image_swap must lie in \[0, 1\], got 2.0"):
+        main(["--config", str(config), "--dialogue_image_swap", "2"])
+
+
+TRAIN_PAIRS = [(f"train/A/train_{n}.png", f"train/B/train_{n}.png") for n in ("000016", "000051", "000054", "000553", "001652")]
+
+
+def test_dialogue_image_swap_moves_only_closing_rounds_to_another_pairs_images(tmp_path, shared_dir):
+    from train.data import swap_closing_round_images
+
+    records = [dialogue(f"d{i}", TRAIN_PAIRS[i % 5], last_answer=f"answer {i}") for i in range(40)]
+    records += [binary_record(i) for i in range(5)]
+    samples = samples_of(tmp_path, records)
+    swapped = swap_closing_round_images(samples, 0.5, seed=0)
+    assert swapped["prompt"] == samples["prompt"] and swapped["answer"] == samples["answer"]
+    moved = [i for i in range(len(samples)) if swapped["image_before"][i] != samples["image_before"][i]]
+    # only closing rounds (the SUMMARY round, the second sample of each dialogue) move, about half of them
+    assert moved and all(samples["task"][i] == "dialogue" and "describe the changes" in samples["prompt"][i]
+                         for i in moved)
+    assert 10 <= len(moved) <= 30
+    for i in moved:  # before and after come from the same other pair
+        assert swapped["image_before"][i].replace("/A/", "/B/") == swapped["image_after"][i]
+    # a fixed draw per seed (a resumed run sees the same samples), none at share 0, all at share 1
+    assert swap_closing_round_images(samples, 0.5, seed=0)["image_before"] == swapped["image_before"]
+    assert swap_closing_round_images(samples, 0.0)["image_before"] == samples["image_before"]
+    everything = swap_closing_round_images(samples, 1.0, seed=1)
+    closing = [i for i in range(len(samples)) if "describe the changes" in samples["prompt"][i]]
+    assert len(closing) == 40
+    # a donor is another closing round; with five pairs some donors share the pair, but not all of them
+    assert sum(everything["image_before"][i] != samples["image_before"][i] for i in closing) >= 20
+    with pytest.raises(ValueError, match="dialogue_image_swap"):
+        swap_closing_round_images(samples, 1.5)
