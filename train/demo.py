@@ -411,6 +411,17 @@ class BackgroundGeneration:
 # --- training helpers ---
 
 
+# Half of the dialogues' closing rounds train on another dialogue's images (train.data.swap_closing_round_images), so
+# the closing description follows the conversation ("No" / "Yes, 2 buildings") rather than a misread of the images.
+# Without it the 10-minute model's closing answer contradicted the conversation's change flag in 0-5 of 40 test
+# dialogues (a changed pair called unchanged, or an unchanged pair described as changed: each costs up to 25
+# final-turn CIDEr points). From the same warm-ups and step counts (seeds 1, 2, 4, 0; EPYC, 2026-11-28;
+# benchmarks/results/demo_dialogue_image_swap_*.md): contradictions 4, 4, 4, 0 -> 0 in every run, dialogue
+# +28.3, +42.7, +5.5, +3.7, binary +2.5 in three runs; caption -4.1, -2.1, +2.6, 0.0 and open QA -1.1, -7.2, +44.5,
+# 0.0, both still far above their baselines. Over seeds 0-7 on the clock (benchmarks/results/demo_default_seeds.md):
+# 4 contradictions in 320 dialogues against 20 before, captions lower in 5 of 8 (all above their baselines).
+DIALOGUE_IMAGE_SWAP = 0.5
+
 # The focused tail. After the mixed stage the answers to localization questions come from a few constant cell lists
 # (the 60-minute demo's 508-step Nano: 11 and 15 distinct answers over 200 test pairs, micro-F1 26.0 / 39.4 on its
 # own *training* records: underfitting). 120 further LoRA steps on localization and count answers only, fresh
@@ -421,15 +432,6 @@ class BackgroundGeneration:
 # 137, dialogue 523 against 534.
 # Short budgets keep every step on the mix: at 10 minutes the stage has ~60 steps and the captions are still forming.
 FOCUSED_TAIL_SHARE = 0.25
-# Half of the dialogues' closing rounds train on another dialogue's images (train.data.swap_closing_round_images), so
-# the closing description follows the conversation ("No" / "Yes, 2 buildings") rather than a misread of the images.
-# Without it the 10-minute model's closing answer contradicted the conversation's change flag in 0-5 of 40 test
-# dialogues (a changed pair called unchanged, or an unchanged pair described as changed: each costs up to 25
-# final-turn CIDEr points). From the same warm-ups and step counts (seeds 1, 2, 4, 0; EPYC, 2026-11-28;
-# benchmarks/results/demo_dialogue_image_swap_*.md): contradictions 4, 4, 4, 0 -> 0 in every run, dialogue
-# +28.3, +42.7, +5.5, +3.7, binary +2.5 in three runs; caption -4.1, -2.1, +2.6, 0.0 and open QA -1.1, -7.2, +44.5,
-# 0.0, both still far above their baselines.
-DIALOGUE_IMAGE_SWAP = 0.5
 FOCUSED_TAIL_MIN_MINUTES = 30.0
 FOCUSED_TAIL_WEIGHTS = {"localization": 1.0, "count": 1.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
 # Without a tail (short budgets), the mixed run samples localization twice as often as the file holds it. The data
