@@ -68,7 +68,7 @@ def closing_turn_errors(run_dir: Path) -> dict | None:
     {"unchanged", "unchanged_called_changed", "changed", "changed_called_unchanged"}. A pair is unchanged when its
     closing reference is a LEVIR-CC no-change sentence; an answer says "unchanged" when it is one of them. None
     without predictions."""
-    from eval.metrics import NO_CHANGE_TEMPLATES, normalize_caption
+    from eval.metrics import is_no_change_caption_set
 
     path = run_dir / "eval" / "predictions.jsonl"
     if not path.is_file():
@@ -80,8 +80,8 @@ def closing_turn_errors(run_dir: Path) -> dict | None:
             last[entry["id"]] = entry
     counts = dict.fromkeys(("unchanged", "unchanged_called_changed", "changed", "changed_called_unchanged"), 0)
     for entry in last.values():
-        says_unchanged = normalize_caption(entry["prediction"]) in NO_CHANGE_TEMPLATES
-        if all(normalize_caption(reference) in NO_CHANGE_TEMPLATES for reference in entry["references"]):
+        says_unchanged = is_no_change_caption_set([entry["prediction"]])
+        if is_no_change_caption_set(entry["references"]):
             counts["unchanged"] += 1
             counts["unchanged_called_changed"] += not says_unchanged
         else:
@@ -128,7 +128,7 @@ def markdown(results: dict) -> str:
             score = run["scores"][task]
             text = f"{score['ours']:.2f} ({score['baseline']:.2f})"
             cells.append(text if score["beats"] else f"**{text}**")
-        accuracy, closing = run["queries_change_accuracy"], run.get("dialogue_closing_turn")
+        accuracy, closing = run["queries_change_accuracy"], run["dialogue_closing_turn"]
         flags = "–" if closing is None else (f"{closing['unchanged_called_changed']} of {closing['unchanged']} / "
                                              f"{closing['changed_called_unchanged']} of {closing['changed']}")
         rows.append([seed, "–" if accuracy is None else f"{accuracy:.3f}", run["language_steps"] or "–", *cells,
