@@ -92,7 +92,7 @@ def closing_turn_errors(run_dir: Path) -> dict | None:
 
 def collect(run_dir: Path) -> dict:
     """What one finished demo folder says: scores, baselines, warm-up and language-stage figures, wall time."""
-    from train.demo import HEADLINE, baseline_scores, headline
+    from train.demo import HEADLINE, PER_CATEGORY, baseline_scores, headline
 
     evaluation = json.loads((run_dir / "eval" / "metrics.json").read_text())
     metrics = evaluation["tasks"]
@@ -103,6 +103,13 @@ def collect(run_dir: Path) -> dict:
         ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
         higher_is_better = HEADLINE[task][1]
         scores[task] = {"ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
+    categories = {}  # count and localization per category: their mean can beat its baseline on buildings alone
+    for task, (key, _, _) in PER_CATEGORY.items():
+        higher_is_better = HEADLINE[task][1]
+        for category in ("roads", "buildings"):
+            ours, theirs = metrics[task][category][key], baselines[task][category][key]
+            categories[f"{task}_{category}"] = {
+                "ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
     warmup = json.loads((run_dir / "warmup.json").read_text()) if (run_dir / "warmup.json").is_file() else []
     accuracies = [entry["val_change_accuracy"] for entry in warmup if "val_change_accuracy" in entry]
     curve = json.loads((run_dir / "curve.json").read_text())
@@ -110,6 +117,7 @@ def collect(run_dir: Path) -> dict:
     elapsed = ELAPSED.findall(log)
     return {
         "scores": scores,
+        "categories": categories,
         "records_per_task": limit,
         "queries_change_accuracy": accuracies[-1] if accuracies else None,
         "language_steps": curve[-1]["step"] if curve else None,
@@ -120,6 +128,7 @@ def collect(run_dir: Path) -> dict:
 
 def markdown(results: dict) -> str:
     header = ["seed", "queries' change accuracy", "language steps", *TASKS,
+              "count MAE roads / buildings", "localization F1 roads / buildings",
               "closing turn: unchanged called changed / changed called unchanged", "wall (min)"]
     rows = []
     for seed, run in results.items():
@@ -128,6 +137,16 @@ def markdown(results: dict) -> str:
             score = run["scores"][task]
             text = f"{score['ours']:.2f} ({score['baseline']:.2f})"
             cells.append(text if score["beats"] else f"**{text}**")
+        for task, form in (("count", ".3f"), ("localization", ".2f")):
+            if "categories" not in run:  # collected before the per-category columns
+                cells.append("–")
+                continue
+            parts = []
+            for category in ("roads", "buildings"):
+                score = run["categories"][f"{task}_{category}"]
+                text = f"{score['ours']:{form}} ({score['baseline']:{form}})"
+                parts.append(text if score["beats"] else f"**{text}**")
+            cells.append(" / ".join(parts))
         accuracy, closing = run["queries_change_accuracy"], run["dialogue_closing_turn"]
         flags = "–" if closing is None else (f"{closing['unchanged_called_changed']} of {closing['unchanged']} / "
                                              f"{closing['changed_called_unchanged']} of {closing['changed']}")
@@ -136,9 +155,14 @@ def markdown(results: dict) -> str:
     all_six = sum(all(score["beats"] for score in run["scores"].values()) for run in results.values())
     lost = {task: sum(not run["scores"][task]["beats"] for run in results.values()) for task in TASKS}
     losses = ", ".join(f"{task} {count}" for task, count in lost.items() if count) or "none"
+    collected = [run for run in results.values() if "categories" in run]
+    behind = {name: sum(not run["categories"][name]["beats"] for run in collected)
+              for name in (collected[0]["categories"] if collected else {})}
+    category_losses = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in behind.items() if count)
     return (f"{common.markdown_table(header, rows)}\n\nScore (baseline); bold: not better than the baseline. "
             f"Every baseline beaten in {all_six} of {len(results)} runs; runs not beating a task's baseline: "
-            f"{losses}.\n")
+            f"{losses}"
+            + (f"; runs not beating it in one category: {category_losses or 'none'}" if collected else "") + ".\n")
 
 
 def main(argv=None):

@@ -263,7 +263,11 @@ def test_demo_seeds_collects_finished_runs_against_their_own_baselines(tmp_path,
     from benchmarks import bench_demo_seeds
 
     _finished_demo_folder(tmp_path / "runs" / "seed0", binary_accuracy=100.0)
-    _finished_demo_folder(tmp_path / "runs" / "seed1", binary_accuracy=0.0)
+    tasks = _finished_demo_folder(tmp_path / "runs" / "seed1", binary_accuracy=0.0)
+    tasks["count"]["buildings"]["mae"] += 0.5  # worse than always-zero
+    tasks["localization"]["buildings"]["f1"] = 50.0  # better than empty answers
+    metrics_file = tmp_path / "runs" / "seed1" / "eval" / "metrics.json"
+    metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "tasks": tasks}))
     # a finished folder is collected, never rerun (an interrupted sweep resumes)
     monkeypatch.setattr(bench_demo_seeds, "run_seed", lambda *args: pytest.fail("reran a finished seed"))
     bench_demo_seeds.main(["--seeds", "0", "1", "--root", str(tmp_path / "runs"), "--out", str(tmp_path)])
@@ -278,6 +282,13 @@ def test_demo_seeds_collects_finished_runs_against_their_own_baselines(tmp_path,
         assert not first["scores"][task]["beats"]
     assert "| 0 | 0.750 | 7 |" in markdown and "**0.00 (" in markdown
     assert "Every baseline beaten in 0 of 2 runs" in markdown and "binary 1, count 2" in markdown
+    # count and localization also per category: seed 1 beats empty localization on buildings, not on roads
+    assert second["categories"]["localization_buildings"] == {"ours": 50.0, "baseline": 0.0, "beats": True}
+    assert not second["categories"]["localization_roads"]["beats"]
+    assert not second["categories"]["count_buildings"]["beats"] and not first["categories"]["count_roads"]["beats"]
+    assert "/ 50.00 (0.00) |" in markdown and "**0.00 (0.00)** / **0.00 (0.00)** |" in markdown
+    assert ("runs not beating it in one category: count roads 2, count buildings 2, localization roads 2, "
+            "localization buildings 1.") in markdown
 
 
 def _closing_turns(run_dir: Path, answers: list[tuple[str, str]]) -> None:

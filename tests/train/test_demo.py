@@ -45,6 +45,20 @@ def test_summary_table_compares_in_the_right_direction():
     assert "| count | MAE (mean of roads, buildings) | 0.50 | 0.40 | no |" in table  # lower is better
 
 
+def test_summary_table_shows_each_category_under_its_task():
+    # the mean beats the baseline on buildings alone; the roads row must say that roads did not
+    ours = {"count": {"roads": {"mae": 0.225}, "buildings": {"mae": 0.4}},
+            "localization": {"roads": {"f1": 0.0}, "buildings": {"f1": 30.0}}}
+    theirs = {"count": {"roads": {"mae": 0.225}, "buildings": {"mae": 0.6}},
+              "localization": {"roads": {"f1": 0.0}, "buildings": {"f1": 0.0}}}
+    lines = summary_table(ours, theirs).splitlines()
+    count_row = lines.index("| count | MAE (mean of roads, buildings) | 0.31 | 0.41 | yes |")
+    assert lines[count_row + 1:count_row + 3] == ["| count: roads | MAE | 0.225 | 0.225 | no |",
+                                                   "| count: buildings | MAE | 0.400 | 0.600 | yes |"]
+    assert "| localization: roads | micro-F1 | 0.00 | 0.00 | no |" in lines
+    assert "| localization: buildings | micro-F1 | 30.00 | 0.00 | yes |" in lines
+
+
 def test_curve_plot_is_written(tmp_path):
     points = [{"minutes": 0.5, "binary accuracy": 0.4, "count MAE": 1.2}, {"minutes": 1.0, "binary accuracy": 0.7}]
     plot_curve(points, tmp_path / "curve.png")
