@@ -32,7 +32,9 @@ SCORES = ["val_change_accuracy", "val_cell_f1", "val_patch_f1", "val_patch_cell_
           "val_building_count_mae"]
 
 
-def warm_up(data_dir: Path, seed: int, weight: float, args) -> list[dict]:
+def warm_up(data_dir: Path, seed: int, args, name: str, **options) -> list[dict]:
+    """Fresh Nano of `seed`, `warm_up_vision` on `data_dir` as the demo runs it at `args.batch_size` (its rates),
+    `args.steps` steps, held-out scores on `args.validation_pairs` val pairs; `options` go to `warm_up_vision`."""
     from modeling_deltavlm.build_nano import build_nano
     from train.demo import qformer_learning_rate, vision_learning_rate
     from train.vision_warmup import pair_facts, warm_up_vision
@@ -40,14 +42,26 @@ def warm_up(data_dir: Path, seed: int, weight: float, args) -> list[dict]:
     model, processor = build_nano(seed=seed)
     facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
     validation = pair_facts(data_dir / "annotations" / "changechat_val.json", data_dir / "images")
-    name = f"seed {seed}, yes/no weight {weight:g}"
     return warm_up_vision(
         model, processor.image_processor, data_dir, steps=args.steps, batch_size=args.batch_size, seed=seed,
         vision_learning_rate=vision_learning_rate(args.batch_size), learning_rate=qformer_learning_rate(args.batch_size),
         log_every=max(1, args.steps // 4), processor=processor, facts=facts, validation_facts=validation,
-        validation_pairs=args.validation_pairs, change_flag_weight=weight,
-        log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", flush=True),
+        validation_pairs=args.validation_pairs,
+        log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", flush=True), **options,
     )
+
+
+def seed_data(root: Path, seed: int, pairs: int) -> Path:
+    """The synthetic data of `deltavlm demo --seed N` (light variation): `root/seed<N>`, generated unless it holds a
+    data set, or the data of a demo run folder there (`root/seed<N>/data`, as `bench_demo_seeds.py` leaves them)."""
+    data_dir = root / f"seed{seed}"
+    if (data_dir / "data" / "metadata.json").is_file():
+        return data_dir / "data"
+    if not (data_dir / "metadata.json").is_file():
+        from train.synthetic import write_dataset
+
+        write_dataset(data_dir, pairs, seed=seed, variation="light")
+    return data_dir
 
 
 def main(argv=None):
@@ -70,13 +84,9 @@ def main(argv=None):
 
     rows, runs = [], {}
     for seed in args.seeds:
-        data_dir = root / f"seed{seed}"
-        if not (data_dir / "metadata.json").is_file():
-            from train.synthetic import write_dataset
-
-            write_dataset(data_dir, args.pairs, seed=seed, variation="light")
+        data_dir = seed_data(root, seed, args.pairs)
         for weight in (0.0, args.weight):
-            history = warm_up(data_dir, seed, weight, args)
+            history = warm_up(data_dir, seed, args, f"seed {seed}, yes/no weight {weight:g}", change_flag_weight=weight)
             last = history[-1]
             runs[f"seed{seed}_weight{weight:g}"] = history
             rows.append([seed, f"{weight:g}"] + [f"{last[key]:.3f}" if key in last else "–" for key in SCORES])

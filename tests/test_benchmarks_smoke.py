@@ -153,6 +153,24 @@ def test_change_flag_benchmark(tmp_path):
 
 
 @pytest.mark.slow
+def test_warmup_categories_benchmark(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_warmup_categories.py"), "--seeds", "3", "--pairs",
+               "30", "--steps", "2", "--batch-size", "4", "--validation-pairs", "3", "--data-root",
+               str(tmp_path / "data"), "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "warmup_categories")
+    assert set(payload["histories"]) == {"seed3_none", "seed3_inverse_frequency"}
+    plain, weighted = payload["histories"]["seed3_none"], payload["histories"]["seed3_inverse_frequency"]
+    assert plain[0]["loss"] == weighted[0]["loss"] and plain[1]["loss"] != weighted[1]["loss"]  # only the facts differ
+    assert payload["change_flag_weight"] > 0 and "pair_change_loss" in plain[0]  # the demo's short warm-up
+    for history in (plain, weighted):
+        assert history[-1]["val_roads_changed"] <= 3 and 0.0 <= history[-1]["val_cell_f1_roads"] <= 1.0
+    assert "| 3 | none |" in markdown and "| 3 | inverse_frequency |" in markdown
+
+
+@pytest.mark.slow
 def test_position_probe_benchmark(tmp_path):
     pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
     command = [sys.executable, str(REPO / "benchmarks" / "bench_position_probe.py"), "--pairs", "30", "--steps", "2",

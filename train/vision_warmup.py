@@ -38,6 +38,8 @@ ROAD, BUILDING = 128, 255
 # more than 3 buildings: pairs with 4 or more made 55% of its building-count error (200 test records).
 COUNT_CLASSES = 10
 FACT_PROMPTS = [TASK_PROMPTS[task] for task in ("caption", "binary", "count", "localization")]
+# held-out score keys kept in the warm-up's record but left out of its log lines
+PER_CATEGORY_SUFFIXES = ("_roads", "_buildings", "_mae_zero", "_said", "_changed")
 
 
 def change_pairs(data_dir, split: str = "train") -> list[tuple[str, str, str]]:
@@ -258,16 +260,36 @@ def cell_loss(cell_logits: torch.Tensor, cells: torch.Tensor, cell_positive_weig
     )
 
 
-def fact_loss(logits: dict, targets: dict, cell_positive_weight: float = 1.0) -> torch.Tensor:
-    """Sum of the fact terms; `cell_positive_weight` > 1 weights the changed cells, the rare positives."""
+def fact_loss(logits: dict, targets: dict, cell_positive_weight: float = 1.0,
+              count_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum of the fact terms; `cell_positive_weight` > 1 weights the changed cells, the rare positives;
+    `count_weights` ({"roads": (COUNT_CLASSES,), "buildings": ...}, from `count_class_weights`) the count classes."""
     loss = cell_loss(logits["cells"], targets["cells"], cell_positive_weight)
     known = ~torch.isnan(targets["changed"])
     if known.any():
         loss = loss + nn.functional.binary_cross_entropy_with_logits(logits["changed"][known], targets["changed"][known])
     for key in ("roads", "buildings"):
         if (targets[key] >= 0).any():
-            loss = loss + nn.functional.cross_entropy(logits[key], targets[key], ignore_index=-100)
+            weight = None if count_weights is None else count_weights[key]
+            loss = loss + nn.functional.cross_entropy(logits[key], targets[key], weight=weight, ignore_index=-100)
     return loss
+
+
+def count_class_weights(facts: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Inverse-frequency weights of the count classes in `facts` (from `pair_facts`), averaging 1 over the classes
+    that occur (absent classes 0): {"roads": (COUNT_CLASSES,), "buildings": (COUNT_CLASSES,)}. Most pairs change no
+    road, so an unweighted count head can score well by always saying zero."""
+    weights = {}
+    for key in ("roads", "buildings"):
+        counts = torch.zeros(COUNT_CLASSES)
+        for pair in facts.values():
+            if key in pair:
+                counts[min(pair[key], COUNT_CLASSES - 1)] += 1
+        present = counts > 0
+        if not present.any():
+            raise ValueError(f"count_class_weights: no pair states a {key} count")
+        weights[key] = torch.where(present, counts.sum() / (present.sum() * counts.clamp(min=1)), 0.0)
+    return weights
 
 
 class FrozenVisionCache:
@@ -363,6 +385,7 @@ def warm_up_vision(
     validation_instructions: dict[str, list[str]] | None = None,
     vision_cache: FrozenVisionCache | None = None,
     change_flag_weight: float = 0.0,
+    count_weighting: str = "none",
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -412,6 +435,13 @@ def warm_up_vision(
     the Q-Former phase's entries also give them under each pair's own prompts, the k-th held-out pair under its
     (k mod n)-th of n (keys ending in `_own`): what the language stage's varied questions get from the queries.
 
+    With `count_weighting="inverse_frequency"` the fact probe's two count terms weigh each count class by its
+    inverse frequency in `facts` (`count_class_weights`). Measured, not adopted: at the 10-minute default's warm-up
+    the queries carry too little of the roads for the weights to find (`benchmarks/bench_warmup_categories.py`).
+    The held-out scores also come per category (keys ending in `_roads`, `_buildings`), with always-zero's count
+    error on the same pairs (`_mae_zero`) and how many pairs the probe says changed a road (`val_roads_said`)
+    beside how many did (`val_roads_changed`).
+
     `vision_cache` (an empty `FrozenVisionCache` of this model) is the one the Q-Former phase fills, for a caller
     that reads the frozen vision side again afterwards (`train.projection_alignment`).
     """
@@ -428,6 +458,8 @@ def warm_up_vision(
         raise ValueError(f"warm_up_vision: cell_query_weight must be >= 0, got {cell_query_weight}")
     if change_flag_weight < 0:
         raise ValueError(f"warm_up_vision: change_flag_weight must be >= 0, got {change_flag_weight}")
+    if count_weighting not in ("none", "inverse_frequency"):
+        raise ValueError(f"warm_up_vision: count_weighting must be 'none' or 'inverse_frequency', got {count_weighting!r}")
     if cell_query_weight and model.config.num_query_tokens < len(GRID_CELLS):
         raise ValueError(f"warm_up_vision: cell_query_weight needs at least {len(GRID_CELLS)} query tokens (one per "
                          f"cell), the model has num_query_tokens={model.config.num_query_tokens}")
@@ -465,6 +497,7 @@ def warm_up_vision(
         qformer_schedule = _cosine_with_warmup(qformer_optimizer, max(1, steps - vision_steps))
         prompts = [processor.apply_chat_template([{"role": "user", "content": p}]) for p in FACT_PROMPTS]
         facts = {os.path.realpath(path): pair for path, pair in facts.items()}
+        count_weights = count_class_weights(facts) if count_weighting == "inverse_frequency" else None
         instructions = {os.path.realpath(path): list(texts) for path, texts in (instructions or {}).items() if texts}
         covered = sum(os.path.realpath(before) in facts for before, _, _ in pairs)
         if not covered:
@@ -527,7 +560,7 @@ def warm_up_vision(
                 query_output = query_output_in_length_buckets(model, processor, vision_cache.pair_embeds(images), text)
                 facts_logits = fact_probe(query_output)
                 batch_facts = fact_targets([facts.get(os.path.realpath(before), {}) for before, _, _ in batch])
-                loss = fact_loss(facts_logits, batch_facts, cell_positive_weight)
+                loss = fact_loss(facts_logits, batch_facts, cell_positive_weight, count_weights)
                 if cell_query_probe is not None:
                     loss = loss + cell_query_weight * cell_loss(
                         cell_query_probe(query_output), batch_facts["cells"], cell_positive_weight)
@@ -565,9 +598,11 @@ def warm_up_vision(
                         under_own = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts,
                                                      grid, own_prompts)
                         scores.update({f"{key}_own": value for key, value in under_own.items()
-                                       if key not in ("val_patch_f1", "val_patch_cell_f1")})
+                                       if key not in ("val_patch_f1", "val_patch_cell_f1")
+                                       and not key.endswith(PER_CATEGORY_SUFFIXES)})
                     entry.update(scores)
-                    message += ", held out: " + ", ".join(f"{k[4:]} {v}" for k, v in scores.items())
+                    message += ", held out: " + ", ".join(
+                        f"{k[4:]} {v}" for k, v in scores.items() if not k.endswith(PER_CATEGORY_SUFFIXES))
                 entry.update(loss=round(loss.item(), 4), seconds=round(time.time() - started, 1))
                 history.append(entry)
                 log(message)
@@ -589,10 +624,19 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         raise ValueError(f"{len(pairs)} held-out pairs but {len(prompts)} prompts")
     was_training = model.training
     model.eval()
-    patch_hits = patch_total = cell_hits = cell_total = changes_right = changes_known = 0
-    slot_hits = slot_total = patch_cell_hits = patch_cell_total = 0
+    # F1 tallies [hits, predicted + true] for the patches, the cells the patches give and the queries' cells, in
+    # all and per category ("roads" / "buildings": the first / second half of the cells, channel 0 / 1 of a patch)
+    tallies = {f"{name}{part}": [0, 0] for name in ("patch", "patch_cell", "cell") for part in ("", "_roads", "_buildings")}
+    changes_right = changes_known = slot_hits = slot_total = roads_said = roads_changed = 0
     count_errors = {"roads": [], "buildings": []}
+    zero_errors = {"roads": [], "buildings": []}  # always-zero's count error on the same pairs
     positions_right = []
+
+    def tally(name: str, predicted: torch.Tensor, wanted: torch.Tensor, categories: list) -> None:
+        for part, index in zip(("", "_roads", "_buildings"), [slice(None), *categories]):
+            tallies[name + part][0] += (predicted[..., index] & wanted[..., index]).sum().item()
+            tallies[name + part][1] += predicted[..., index].sum().item() + wanted[..., index].sum().item()
+
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         inputs = processor(images=[(before, after) for before, after, _ in batch],
@@ -601,10 +645,9 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
             pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
             qformer_attention_mask=inputs["qformer_attention_mask"],
         )
-        predicted = probe(features.vision_outputs.pair_embeds) > 0
+        predicted = probe(features.vision_outputs.pair_embeds) > 0  # (B, patches, 2)
         targets = patch_targets([mask for _, _, mask in batch], grid).bool()
-        patch_hits += (predicted & targets).sum().item()
-        patch_total += predicted.sum().item() + targets.sum().item()
+        tally("patch", predicted, targets, [0, 1])
         if position_probe is not None:
             positions_right.append(position_probe.accuracy(features.vision_outputs.pair_embeds) * len(batch))
         logits = fact_probe(features.query_output)
@@ -614,32 +657,49 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
         changes_known += known.sum().item()
         for key, errors in count_errors.items():
             stated = wanted[key] >= 0
-            errors += (logits[key][stated].argmax(-1) - wanted[key][stated]).abs().tolist()
+            said = logits[key][stated].argmax(-1)
+            errors += (said - wanted[key][stated]).abs().tolist()
+            zero_errors[key] += wanted[key][stated].tolist()
+            if key == "roads":
+                roads_said += (said > 0).sum().item()
+                roads_changed += (wanted[key][stated] > 0).sum().item()
         rows = ~torch.isnan(wanted["cells"]).any(dim=-1)
         cells, cell_targets = logits["cells"][rows] > 0, wanted["cells"][rows].bool()
-        from_patches = patch_cells(predicted)[rows]
-        patch_cell_hits += (from_patches & cell_targets).sum().item()
-        patch_cell_total += from_patches.sum().item() + cell_targets.sum().item()
-        cell_hits += (cells & cell_targets).sum().item()
-        cell_total += cells.sum().item() + cell_targets.sum().item()
+        halves = [slice(0, 9), slice(9, 18)]
+        tally("patch_cell", patch_cells(predicted)[rows], cell_targets, halves)
+        tally("cell", cells, cell_targets, halves)
         if cell_query_probe is not None:
             slots = cell_query_probe(features.query_output)[rows] > 0
             slot_hits += (slots & cell_targets).sum().item()
             slot_total += slots.sum().item() + cell_targets.sum().item()
     model.train(was_training)
-    scores = {"val_patch_f1": round(2 * patch_hits / max(1, patch_total), 3),
-              "val_patch_cell_f1": round(2 * patch_cell_hits / max(1, patch_cell_total), 3)}
+
+    def f1(name: str) -> float:
+        hits, total = tallies[name]
+        return round(2 * hits / max(1, total), 3)
+
+    scores = {"val_patch_f1": f1("patch"), "val_patch_cell_f1": f1("patch_cell")}
     if position_probe is not None:
         scores["val_position_accuracy"] = round(sum(positions_right) / len(pairs), 3)
     if with_queries:
         scores["val_change_accuracy"] = round(changes_right / max(1, changes_known), 3)
-        scores["val_cell_f1"] = round(2 * cell_hits / max(1, cell_total), 3)
+        scores["val_cell_f1"] = f1("cell")
         for key, errors in count_errors.items():
             if errors:  # against the clamped target: 9 stands for "nine or more"
                 scores[f"val_{key[:-1]}_count_mae"] = round(sum(errors) / len(errors), 3)
         if cell_query_probe is not None:
             scores["val_slot_cell_f1"] = round(2 * slot_hits / max(1, slot_total), 3)
+    for category in ("roads", "buildings"):
+        scores[f"val_patch_f1_{category}"] = f1(f"patch_{category}")
+        scores[f"val_patch_cell_f1_{category}"] = f1(f"patch_cell_{category}")
+        if with_queries:
+            scores[f"val_cell_f1_{category}"] = f1(f"cell_{category}")
+            if zero_errors[category]:
+                scores[f"val_{category[:-1]}_count_mae_zero"] = round(
+                    sum(zero_errors[category]) / len(zero_errors[category]), 3)
+    if with_queries and zero_errors["roads"]:
+        scores["val_roads_said"], scores["val_roads_changed"] = roads_said, roads_changed
     return scores
 
 
-__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "FrozenVisionCache", "PositionProbe", "change_pairs", "cell_loss", "dihedral", "fact_targets", "length_buckets", "pair_change_loss", "pair_facts", "pair_instructions", "query_output_in_length_buckets", "patch_cells", "patch_targets", "warm_up_vision"]
+__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "FrozenVisionCache", "PositionProbe", "change_pairs", "cell_loss", "count_class_weights", "dihedral", "fact_targets", "length_buckets", "pair_change_loss", "pair_facts", "pair_instructions", "query_output_in_length_buckets", "patch_cells", "patch_targets", "warm_up_vision"]

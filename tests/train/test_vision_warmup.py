@@ -11,7 +11,7 @@ from PIL import Image
 from processing.conversation import GRID_CELLS
 from train.synthetic import touched_cells, write_dataset
 from train.vision_warmup import (
-    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, dihedral, fact_targets, pair_change_loss, pair_facts,
+    BUILDING, COUNT_CLASSES, ROAD, PositionProbe, change_pairs, count_class_weights, dihedral, fact_targets, pair_change_loss, pair_facts,
     patch_cells, patch_targets, warm_up_vision,
 )
 
@@ -126,14 +126,28 @@ def test_held_out_scores_are_logged_without_changing_the_training(synthetic, tin
     (plain, plain_history), (scored, scored_history) = runs
     assert scored.training  # scoring switches to eval mode and back
     # the query probe's scores appear once it trains (the Q-Former phase), the patch probe's throughout
-    vision_scores = {"val_patch_f1", "val_patch_cell_f1", "val_position_accuracy"}
-    query_scores = {"val_change_accuracy", "val_cell_f1", "val_road_count_mae", "val_building_count_mae"}
+    vision_scores = {"val_patch_f1", "val_patch_cell_f1", "val_position_accuracy", "val_patch_f1_roads",
+                     "val_patch_f1_buildings", "val_patch_cell_f1_roads", "val_patch_cell_f1_buildings"}
+    query_scores = {"val_change_accuracy", "val_cell_f1", "val_road_count_mae", "val_building_count_mae",
+                    "val_cell_f1_roads", "val_cell_f1_buildings", "val_road_count_mae_zero",
+                    "val_building_count_mae_zero", "val_roads_said", "val_roads_changed"}
     assert [set(entry) & (vision_scores | query_scores) for entry in scored_history] == [
         vision_scores, vision_scores | query_scores
     ]
     for entry in scored_history:
-        assert all(0.0 <= value <= 1.0 for key, value in entry.items() if key.startswith("val_") and "mae" not in key)
-        assert all(0.0 <= value <= COUNT_CLASSES - 1 for key, value in entry.items() if key.endswith("_mae"))
+        assert all(0.0 <= value <= 1.0 for key, value in entry.items()
+                   if key.startswith("val_") and "mae" not in key and not key.startswith("val_roads_"))
+        assert all(0.0 <= value <= COUNT_CLASSES - 1 for key, value in entry.items() if "_mae" in key)
+    queries = scored_history[1]
+    assert 0 <= queries["val_roads_said"] <= 3 and 0 <= queries["val_roads_changed"] <= 3  # of the 3 held-out pairs
+    # always-zero's error is the mean true count; the categories' F1 bracket the pooled one
+    validation_counts = [validation[os.path.realpath(before)]["roads"]
+                         for before, _, _ in change_pairs(synthetic, "val")[:3]]
+    assert queries["val_road_count_mae_zero"] == round(sum(validation_counts) / 3, 3)
+    assert queries["val_roads_changed"] == sum(count > 0 for count in validation_counts)
+    for name in ("val_patch_f1", "val_patch_cell_f1", "val_cell_f1"):
+        low, high = sorted([queries[f"{name}_roads"], queries[f"{name}_buildings"]])
+        assert low - 1e-3 <= queries[name] <= high + 1e-3
     assert not any(key.startswith("val_") for entry in plain_history for key in entry)
     # held-out scoring runs under no_grad in eval mode and draws no random numbers: the same weights come out
     scored_state = scored.state_dict()
@@ -272,6 +286,41 @@ def test_change_flag_weight_adds_the_pairs_yes_no_to_the_mask_phase(synthetic, t
     with pytest.raises(ValueError, match="change_flag_weight"):
         warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
                        steps=1, change_flag_weight=-1.0)
+
+
+def test_count_class_weights_are_inverse_frequencies_of_the_classes_present():
+    facts = {"a": {"roads": 0, "buildings": 2}, "b": {"roads": 0, "buildings": 2}, "c": {"roads": 0},
+             "d": {"roads": 1, "buildings": 40}, "e": {"changed": 1.0}}
+    weights = count_class_weights(facts)
+    # roads: three 0s, one 1 -> 4 / (2 * 3) and 4 / (2 * 1); buildings: two 2s, one "nine or more"
+    assert weights["roads"][:2].tolist() == pytest.approx([2 / 3, 2.0]) and weights["roads"][2:].sum() == 0
+    assert weights["buildings"][2] == pytest.approx(3 / 4) and weights["buildings"][COUNT_CLASSES - 1] == pytest.approx(1.5)
+    assert weights["buildings"].count_nonzero() == 2
+    with pytest.raises(ValueError, match="no pair states a roads count"):
+        count_class_weights({"a": {"buildings": 1}})
+
+
+def test_count_weighting_reweighs_only_the_qformer_phase_counts(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    runs = {}
+    for weighting in ("none", "inverse_frequency"):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=2, batch_size=4,
+                                 vision_steps=1, log_every=1, log=lambda _: None, processor=tiny_processor,
+                                 facts=_train_facts(synthetic), count_weighting=weighting)
+        runs[weighting] = (model.state_dict(), history)
+    (plain, plain_history), (weighted, weighted_history) = runs["none"], runs["inverse_frequency"]
+    assert plain_history[0]["loss"] == weighted_history[0]["loss"]  # the mask phase is the same
+    assert plain_history[1]["loss"] != weighted_history[1]["loss"]  # the fact loss is not
+    assert any(not torch.equal(plain[k], weighted[k]) for k in plain if k.startswith("qformer."))
+    assert all(torch.equal(plain[k], weighted[k]) for k in plain if k.startswith("vision_model."))
+    with pytest.raises(ValueError, match="count_weighting must be 'none' or 'inverse_frequency', got 'balanced'"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=1, count_weighting="balanced")
 
 
 def test_patch_targets_cover_the_whole_image_when_the_side_is_no_multiple_of_the_grid(tmp_path):
