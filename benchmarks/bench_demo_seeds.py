@@ -92,7 +92,7 @@ def closing_turn_errors(run_dir: Path) -> dict | None:
 
 def collect(run_dir: Path) -> dict:
     """What one finished demo folder says: scores, baselines, warm-up and language-stage figures, wall time."""
-    from train.demo import HEADLINE, PER_CATEGORY, baseline_scores, headline
+    from train.demo import PER_CATEGORY, baseline_scores, beats_baseline, category_scores, headline
 
     evaluation = json.loads((run_dir / "eval" / "metrics.json").read_text())
     metrics = evaluation["tasks"]
@@ -101,15 +101,12 @@ def collect(run_dir: Path) -> dict:
     scores = {}
     for task in TASKS:
         ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
-        higher_is_better = HEADLINE[task][1]
-        scores[task] = {"ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
-    categories = {}  # count and localization per category: their mean can beat its baseline on buildings alone
-    for task, (key, _, _) in PER_CATEGORY.items():
-        higher_is_better = HEADLINE[task][1]
-        for category in ("roads", "buildings"):
-            ours, theirs = metrics[task][category][key], baselines[task][category][key]
-            categories[f"{task}_{category}"] = {
-                "ours": ours, "baseline": theirs, "beats": ours > theirs if higher_is_better else ours < theirs}
+        scores[task] = {"ours": ours, "baseline": theirs, "beats": beats_baseline(task, ours, theirs)}
+    categories = {  # count and localization per category: their mean can beat its baseline on buildings alone
+        f"{task}_{category}": {"ours": ours, "baseline": theirs, "beats": wins}
+        for task in PER_CATEGORY
+        for category, (ours, theirs, wins) in category_scores(task, metrics, baselines).items()
+    }
     warmup = json.loads((run_dir / "warmup.json").read_text()) if (run_dir / "warmup.json").is_file() else []
     accuracies = [entry["val_change_accuracy"] for entry in warmup if "val_change_accuracy" in entry]
     curve = json.loads((run_dir / "curve.json").read_text())

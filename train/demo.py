@@ -995,21 +995,34 @@ def headline(task: str, scores: dict) -> float:
 PER_CATEGORY = {"count": ("mae", "MAE", ".3f"), "localization": ("f1", "micro-F1", ".2f")}
 
 
+def beats_baseline(task: str, ours: float, theirs: float) -> bool:
+    """Is `ours` better than the baseline's `theirs` in `task`'s direction (HEADLINE: higher or lower is better)?"""
+    return ours > theirs if HEADLINE[task][1] else ours < theirs
+
+
+def category_scores(task: str, metrics: dict, baselines: dict) -> dict[str, tuple[float, float, bool]]:
+    """{"roads": (ours, baseline, beats), "buildings": ...} for a PER_CATEGORY task's scores."""
+    key = PER_CATEGORY[task][0]
+    scores = {}
+    for category in ("roads", "buildings"):
+        ours, theirs = metrics[task][category][key], baselines[task][category][key]
+        scores[category] = (ours, theirs, beats_baseline(task, ours, theirs))
+    return scores
+
+
 def summary_table(metrics: dict, baselines: dict) -> str:
     """The demo's results table: each task's headline against its trivial baseline, then for count and
     localization each category (roads, buildings) on a row of its own."""
     rows = ["| task | metric | DeltaVLM-Nano | trivial baseline | beats it |", "| --- | --- | ---: | ---: | :---: |"]
-    for task, (name, higher_is_better) in HEADLINE.items():
+    for task, (name, _) in HEADLINE.items():
         if task not in metrics:
             continue
         ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
-        wins = ours > theirs if higher_is_better else ours < theirs
-        rows.append(f"| {task} | {name} | {ours:.2f} | {theirs:.2f} | {'yes' if wins else 'no'} |")
+        rows.append(f"| {task} | {name} | {ours:.2f} | {theirs:.2f} | "
+                    f"{'yes' if beats_baseline(task, ours, theirs) else 'no'} |")
         if task in PER_CATEGORY:
-            key, metric, form = PER_CATEGORY[task]
-            for category in ("roads", "buildings"):
-                ours, theirs = metrics[task][category][key], baselines[task][category][key]
-                wins = ours > theirs if higher_is_better else ours < theirs
+            _, metric, form = PER_CATEGORY[task]
+            for category, (ours, theirs, wins) in category_scores(task, metrics, baselines).items():
                 rows.append(f"| {task}: {category} | {metric} | {ours:{form}} | {theirs:{form}} | "
                             f"{'yes' if wins else 'no'} |")
     return "\n".join(rows)
