@@ -198,7 +198,7 @@ def run_demo(args) -> dict:
 
     # 1. data
     data_dir = out / "data"
-    num_pairs = args.pairs or int(min(20000, max(400, 90 * args.budget_minutes)))
+    num_pairs = args.pairs or budget_pairs(args.budget_minutes)
     generation = None
     if not (data_dir / "metadata.json").is_file():
         say(f"generating {num_pairs} synthetic pairs ({args.variation} variation) in {data_dir}, in the background")
@@ -232,7 +232,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         # below 30 minutes; from 30 up batch 32, the steps cut to this machine's speed). Measured at the 10-minute
         # default on the Xeon: 18 a minute gave a better encoder (binary 90% vs 80%) but left the language stage 37
         # steps instead of 48, and the caption and dialogue answers stayed at the constant.
-        warmup_steps, warmup_batch = args.warmup_steps or int(min(800, max(60, 12 * args.budget_minutes))), 32
+        warmup_steps, warmup_batch = args.warmup_steps or planned_warmup_steps(args.budget_minutes), 32
         if not args.warmup_steps:
             short = args.budget_minutes < SMALL_BATCH_BELOW_MINUTES
             step_seconds = None if short else _measure_warmup_step_seconds(model, processor.image_processor, data_dir)
@@ -470,6 +470,17 @@ def stage_seconds(budget: float, elapsed: float, after: float) -> tuple[float, f
     share = TRAIN_SHARE * budget - elapsed * 0.5
     planned = max(60.0, min(share, budget - elapsed - after))
     return planned, max(planned, share, budget - elapsed - RESERVE_MARGIN * after)
+
+
+def budget_pairs(budget_minutes: float) -> int:
+    """Synthetic pairs the demo generates for a budget: 90 a minute, between 400 and 20 000."""
+    return int(min(20000, max(400, 90 * budget_minutes)))
+
+
+def planned_warmup_steps(budget_minutes: float) -> int:
+    """The vision warm-up's planned steps (half on the masks, half on the facts): 12 a minute, between 60 and 800;
+    `size_warm_up` may cut them or halve the batch."""
+    return int(min(800, max(60, 12 * budget_minutes)))
 
 
 def size_warm_up(budget_minutes: float, steps: int, step_seconds: float | None) -> tuple[int, int]:

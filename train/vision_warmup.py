@@ -386,6 +386,7 @@ def warm_up_vision(
     vision_cache: FrozenVisionCache | None = None,
     change_flag_weight: float = 0.0,
     count_weighting: str = "none",
+    patch_positive_weight: tuple[float, float] = (4.0, 4.0),
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -458,6 +459,9 @@ def warm_up_vision(
         raise ValueError(f"warm_up_vision: cell_query_weight must be >= 0, got {cell_query_weight}")
     if change_flag_weight < 0:
         raise ValueError(f"warm_up_vision: change_flag_weight must be >= 0, got {change_flag_weight}")
+    if len(patch_positive_weight) != 2 or min(patch_positive_weight) <= 0:
+        raise ValueError("warm_up_vision: patch_positive_weight must be two weights > 0 (roads, buildings), got "
+                         f"{patch_positive_weight!r}")
     if count_weighting not in ("none", "inverse_frequency"):
         raise ValueError(f"warm_up_vision: count_weighting must be 'none' or 'inverse_frequency', got {count_weighting!r}")
     if cell_query_weight and model.config.num_query_tokens < len(GRID_CELLS):
@@ -525,7 +529,7 @@ def warm_up_vision(
             raise ValueError(f"warm_up_vision: no labelled pair under {Path(data_dir) / 'images' / 'val'} "
                              "has facts in validation_facts")
     # changes cover a small share of the patches: weight positives so the probe cannot win by saying "none"
-    patch_loss_function = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([4.0, 4.0]))
+    patch_loss_function = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([float(w) for w in patch_positive_weight]))
     rng = random.Random(seed)
     augment_generator = torch.Generator().manual_seed(seed)
     was_training = model.training
