@@ -323,6 +323,31 @@ def test_count_weighting_reweighs_only_the_qformer_phase_counts(synthetic, tiny_
                        steps=1, count_weighting="balanced")
 
 
+def test_patch_positive_weight_weighs_each_categorys_changed_patches_in_the_mask_loss(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    first_losses = {}
+    for weights in ((4.0, 4.0), (12.0, 4.0), (4.0, 12.0)):
+        torch.manual_seed(0)
+        model = DeltaVLMForConditionalGeneration(tiny_config())
+        # every training pair in the one batch: changed roads and buildings are both among them
+        history = warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, batch_size=64,
+                                 log_every=1, log=lambda _: None, patch_positive_weight=weights)
+        first_losses[weights] = history[0]["loss"]
+    targets = patch_targets([mask for _, _, mask in change_pairs(synthetic)], 2)
+    assert targets[..., 0].any() and targets[..., 1].any()
+    # a larger weight on a category's positives raises the loss, each category on its own
+    assert first_losses[(12.0, 4.0)] > first_losses[(4.0, 4.0)]
+    assert first_losses[(4.0, 12.0)] > first_losses[(4.0, 4.0)]
+    assert first_losses[(12.0, 4.0)] != first_losses[(4.0, 12.0)]
+    for bad in ((4.0,), (4.0, 0.0), (4.0, 4.0, 4.0)):
+        with pytest.raises(ValueError, match="patch_positive_weight must be two weights > 0"):
+            warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                           steps=1, patch_positive_weight=bad)
+
+
 def test_patch_targets_cover_the_whole_image_when_the_side_is_no_multiple_of_the_grid(tmp_path):
     mask = np.zeros((256, 256), np.uint8)
     mask[100:140, 250:256] = BUILDING  # the last 6 px column: 256 px on 10 patches are 25.6 px each
