@@ -1,7 +1,7 @@
 """How often the longer budgets' mask phase (batch 32 at 3e-3) dies, over seeds, held out.
 
     python benchmarks/bench_warmup_batch32.py [--budget-minutes 30] [--seeds 0 1 2 3 4 5] [--data-root DIR]
-        [--validation-pairs 64] [--threads 2]
+        [--pairs N] [--mask-steps N] [--validation-pairs 64] [--threads 2]
 
 For each seed: the synthetic data of `deltavlm demo --seed N --budget-minutes B` (its pair count for that budget,
 light variation; generated under DIR/seed<N>, or reused, also from a demo run folder there), then the mask phase of
@@ -37,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--budget-minutes", type=float, default=30.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--data-root", default=None, help="folder of the per-seed data sets (default: a temporary one)")
+    parser.add_argument("--pairs", type=int, default=None, help="synthetic pairs a seed (default: the budget's)")
     parser.add_argument("--mask-steps", type=int, default=None, help="mask-phase steps (default: the budget's)")
     parser.add_argument("--validation-pairs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -49,7 +50,7 @@ def main(argv=None):
     if args.budget_minutes < SMALL_BATCH_BELOW_MINUTES:
         parser.error(f"--budget-minutes: below {SMALL_BATCH_BELOW_MINUTES:g} the demo's warm-up runs at batch 16, "
                      f"not 32 (got {args.budget_minutes:g})")
-    pairs = budget_pairs(args.budget_minutes)
+    pairs = args.pairs or budget_pairs(args.budget_minutes)
     mask_steps = args.mask_steps or planned_warmup_steps(args.budget_minutes) // 2
     # warm_up reads these: one Q-Former step after the mask phase, at the demo's batch 32
     args.steps, args.batch_size = mask_steps + 1, 32

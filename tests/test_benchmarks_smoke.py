@@ -173,6 +173,30 @@ def test_warmup_categories_benchmark(tmp_path):
 
 
 @pytest.mark.slow
+def test_warmup_batch32_benchmark(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts
+    from train.vision_warmup import change_pairs
+
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_warmup_batch32.py"), "--seeds", "3", "--pairs", "30",
+               "--mask-steps", "4", "--validation-pairs", "3", "--data-root", str(tmp_path / "data"),
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "warmup_batch32")
+    history = payload["histories"]["seed3"]
+    # the mask phase at the longer budgets' batch, then the one Q-Former step that scores it held out
+    assert [entry["phase"] for entry in history] == ["vision"] * 4 + ["qformer"]  # 5 steps: each one logged
+    training_pairs = len(change_pairs(tmp_path / "data" / "seed3"))
+    assert all(entry["batch_size"] == min(32, training_pairs) for entry in history)  # batch 32, or all there are
+    assert payload["mask_steps"] == 4 and payload["change_flag_weight"] == 0
+    dead = history[-2]["val_patch_f1"] < payload["dead_below"]
+    assert payload["dead"] == ([3] if dead else []) and ("| dead |" if dead else "| alive |") in markdown
+    too_short = subprocess.run(command[:2] + ["--budget-minutes", "10"], capture_output=True, text=True, cwd=REPO,
+                               timeout=300, check=False)
+    assert too_short.returncode != 0 and "below 30 the demo's warm-up runs at batch 16" in too_short.stderr
+
+
+@pytest.mark.slow
 def test_position_probe_benchmark(tmp_path):
     pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
     command = [sys.executable, str(REPO / "benchmarks" / "bench_position_probe.py"), "--pairs", "30", "--steps", "2",
