@@ -1,7 +1,7 @@
 """How often the longer budgets' mask phase (batch 32 at 3e-3) dies, over seeds, held out.
 
     python benchmarks/bench_warmup_batch32.py [--budget-minutes 30] [--seeds 0 1 2 3 4 5] [--data-root DIR]
-        [--pairs N] [--mask-steps N] [--validation-pairs 64] [--threads 2]
+        [--pairs N] [--mask-steps N] [--ramp-steps N] [--validation-pairs 64] [--threads 2]
 
 For each seed: the synthetic data of `deltavlm demo --seed N --budget-minutes B` (its pair count for that budget,
 light variation; generated under DIR/seed<N>, or reused, also from a demo run folder there), then the mask phase of
@@ -39,19 +39,24 @@ def main(argv=None):
     parser.add_argument("--data-root", default=None, help="folder of the per-seed data sets (default: a temporary one)")
     parser.add_argument("--pairs", type=int, default=None, help="synthetic pairs a seed (default: the budget's)")
     parser.add_argument("--mask-steps", type=int, default=None, help="mask-phase steps (default: the budget's)")
+    parser.add_argument("--ramp-steps", type=int, default=None,
+                        help="steps of the rate's linear ramp (default: what the demo gives those mask steps)")
     parser.add_argument("--validation-pairs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     parser.add_argument("--name", default="warmup_batch32", help="results file stem")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from train.demo import SMALL_BATCH_BELOW_MINUTES, budget_pairs, change_flag_weight, planned_warmup_steps
+    from train.demo import (
+        SMALL_BATCH_BELOW_MINUTES, budget_pairs, change_flag_weight, planned_warmup_steps, vision_ramp_steps,
+    )
 
     if args.budget_minutes < SMALL_BATCH_BELOW_MINUTES:
         parser.error(f"--budget-minutes: below {SMALL_BATCH_BELOW_MINUTES:g} the demo's warm-up runs at batch 16, "
                      f"not 32 (got {args.budget_minutes:g})")
     pairs = args.pairs or budget_pairs(args.budget_minutes)
     mask_steps = args.mask_steps or planned_warmup_steps(args.budget_minutes) // 2
+    ramp_steps = args.ramp_steps or vision_ramp_steps(32, mask_steps)
     # warm_up reads these: one Q-Former step after the mask phase, at the demo's batch 32
     args.steps, args.batch_size = mask_steps + 1, 32
     flag_weight = change_flag_weight(args.budget_minutes, 32)
@@ -62,7 +67,8 @@ def main(argv=None):
     for seed in args.seeds:
         data_dir = seed_data(root, seed, pairs)
         started = time.time()
-        history = warm_up(data_dir, seed, args, f"seed {seed}", vision_steps=mask_steps, change_flag_weight=flag_weight)
+        history = warm_up(data_dir, seed, args, f"seed {seed}", vision_steps=mask_steps, change_flag_weight=flag_weight,
+                          vision_ramp_steps=ramp_steps)
         seconds = time.time() - started
         runs[f"seed{seed}"] = history
         vision = [entry for entry in history if entry.get("phase") == "vision" and "val_patch_f1" in entry]
@@ -76,12 +82,12 @@ def main(argv=None):
         ["seed", "held-out patch F1 by step", "cells from the patches (end)", "mask probe", "minutes"], rows)
     markdown = (
         f"The mask phase of `deltavlm demo --budget-minutes {args.budget_minutes:g}`'s warm-up: {mask_steps} steps at "
-        f"batch 32 (rate of train.demo at batch 32, yes/no weight {flag_weight:g}), {pairs} synthetic pairs a seed "
-        f"(light variation), held-out patch F1 on up to {args.validation_pairs} val pairs. Dead (held-out patch F1 "
+        f"batch 32, the rate ramped up over {ramp_steps} steps (rate of train.demo at batch 32, yes/no weight "
+        f"{flag_weight:g}), {pairs} synthetic pairs a seed (light variation), held-out patch F1 on up to {args.validation_pairs} val pairs. Dead (held-out patch F1 "
         f"below {DEAD_BELOW:g} at the end): {len(dead)} of {len(args.seeds)}"
         f"{' (seeds ' + ', '.join(map(str, dead)) + ')' if dead else ''}.\n\n{table}\n"
     )
-    payload = {"benchmark": "warmup_batch32", "budget_minutes": args.budget_minutes, "mask_steps": mask_steps,
+    payload = {"benchmark": "warmup_batch32", "budget_minutes": args.budget_minutes, "mask_steps": mask_steps, "ramp_steps": ramp_steps,
                "pairs": pairs, "seeds": args.seeds, "dead": dead, "dead_below": DEAD_BELOW,
                "change_flag_weight": flag_weight, "validation_pairs": args.validation_pairs, "histories": runs,
                "machine": info}

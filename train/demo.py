@@ -87,6 +87,11 @@ WARMUP_SHARE = 0.3
 # Never fewer: with 25 mask steps (51 in all; EPYC, 2026-11-27) the held-out patch F1 was still 0.0 — the mask
 # probe had not left "nothing changed" — where 60 reached 0.47.
 MIN_WARMUP_STEPS = 120
+# The mask phase's ramp to 3e-3 at batch 32, at least (`vision_ramp_steps`). With a tenth of 60 mask steps (the
+# fewest MIN_WARMUP_STEPS leaves, a machine too slow for the planned ones) seed 2's mask probe died for good
+# (held-out patch F1 0.0 from step 15) where an 18-step ramp (180 mask steps, the 30-minute plan) kept all of 6
+# seeds alive (EPYC, 2026-11-28, benchmarks/bench_warmup_batch32.py).
+MIN_BATCH32_RAMP_STEPS = 18
 # A warm-up step costs this many times the mask-phase step that `_measure_warmup_step_seconds` times: the Q-Former
 # phase's steps and the held-out scoring cost more. On the EPYC (2026-11-27) the timed step read 2.5 s and the
 # 120 steps at batch 32 took 324 s (2.7 s each): 1.4 errs on the side of the budget.
@@ -255,6 +260,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
                                  vision_learning_rate=vision_learning_rate(warmup_batch),
                                  learning_rate=qformer_learning_rate(warmup_batch),
                                  change_flag_weight=flag_weight,
+                                 vision_ramp_steps=vision_ramp_steps(warmup_batch, warmup_steps // 2),
                                  log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
                                  validation_facts=validation_facts, validation_pairs=32, vision_cache=vision_cache)
         if not args.no_projection_alignment:
@@ -500,6 +506,13 @@ def size_warm_up(budget_minutes: float, steps: int, step_seconds: float | None) 
     if steps * per_step <= WARMUP_SHARE * budget_minutes * 60:
         return steps, 32
     return max(MIN_WARMUP_STEPS, min(steps, int(WARMUP_SHARE * budget_minutes * 60 / per_step))), 32
+
+
+def vision_ramp_steps(batch_size: int, mask_steps: int) -> int:
+    """Steps of the mask phase's linear ramp to its rate: a tenth of its steps, and at batch 32 (3e-3) never fewer
+    than MIN_BATCH32_RAMP_STEPS."""
+    ramp = max(1, mask_steps // 10)
+    return max(ramp, MIN_BATCH32_RAMP_STEPS) if batch_size >= 32 else ramp
 
 
 def vision_learning_rate(batch_size: int) -> float:

@@ -353,8 +353,9 @@ def query_output_in_length_buckets(model, processor, pair_embeds: torch.Tensor, 
     return torch.cat(outputs)[restore]
 
 
-def _cosine_with_warmup(optimizer, steps: int):
-    warmup = max(1, steps // 10)
+def _cosine_with_warmup(optimizer, steps: int, warmup: int | None = None):
+    """Linear ramp over `warmup` steps (default a tenth of `steps`), then cosine to zero at `steps`."""
+    warmup = max(1, steps // 10) if warmup is None else max(1, warmup)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
@@ -387,6 +388,7 @@ def warm_up_vision(
     change_flag_weight: float = 0.0,
     count_weighting: str = "none",
     patch_positive_weight: tuple[float, float] = (4.0, 4.0),
+    vision_ramp_steps: int | None = None,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -443,6 +445,13 @@ def warm_up_vision(
     error on the same pairs (`_mae_zero`) and how many pairs the probe says changed a road (`val_roads_said`)
     beside how many did (`val_roads_changed`).
 
+    The mask phase's rate ramps up linearly over `vision_ramp_steps` (default a tenth of its steps), then falls on a
+    cosine. At batch 32 and 3e-3 a 6-step ramp (60 mask steps) lost the mask probe for good on 2 of 5 seeds, an
+    18-step one on none of 6 (`benchmarks/bench_warmup_batch32.py`).
+    `patch_positive_weight` weighs the changed patches of roads and of buildings in the mask loss (changes cover a
+    small share of the patches). Roads' 12 against 4 was measured and not adopted
+    (`benchmarks/bench_warmup_categories.py`).
+
     `vision_cache` (an empty `FrozenVisionCache` of this model) is the one the Q-Former phase fills, for a caller
     that reads the frozen vision side again afterwards (`train.projection_alignment`).
     """
@@ -459,6 +468,8 @@ def warm_up_vision(
         raise ValueError(f"warm_up_vision: cell_query_weight must be >= 0, got {cell_query_weight}")
     if change_flag_weight < 0:
         raise ValueError(f"warm_up_vision: change_flag_weight must be >= 0, got {change_flag_weight}")
+    if vision_ramp_steps is not None and vision_ramp_steps < 1:
+        raise ValueError(f"warm_up_vision: vision_ramp_steps must be >= 1, got {vision_ramp_steps}")
     if len(patch_positive_weight) != 2 or min(patch_positive_weight) <= 0:
         raise ValueError("warm_up_vision: patch_positive_weight must be two weights > 0 (roads, buildings), got "
                          f"{patch_positive_weight!r}")
@@ -481,7 +492,7 @@ def warm_up_vision(
     # fused: one kernel over all tensors, as the Trainer's default optimizer (on 2 CPU cores, 0.04 s a step against
     # 0.08 for the per-tensor loop over the Q-Former's 29 M parameters)
     vision_optimizer = torch.optim.AdamW(vision_parameters + probes, lr=vision_rate, weight_decay=0.05, fused=True)
-    vision_schedule = _cosine_with_warmup(vision_optimizer, max(1, vision_steps))
+    vision_schedule = _cosine_with_warmup(vision_optimizer, max(1, vision_steps), vision_ramp_steps)
     if use_facts:
         if processor is None:
             raise ValueError("warm_up_vision: facts need the processor (the Q-Former's tokenizer)")
