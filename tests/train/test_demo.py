@@ -14,7 +14,7 @@ from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from train.demo import (
     DIALOGUE_IMAGE_SWAP, HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
     UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
-    change_flag_weight, qformer_learning_rate, vision_learning_rate,
+    change_flag_weight, qformer_learning_rate, vision_learning_rate, vision_ramp_steps, MIN_BATCH32_RAMP_STEPS,
 )
 from train.synthetic import write_dataset
 
@@ -197,6 +197,8 @@ def test_the_pairs_yes_no_trains_only_in_the_small_batch_warm_up(tmp_path, synth
     vision = [entry for entry in json.loads((out / "warmup.json").read_text()) if entry["phase"] == "vision"]
     assert vision and all(entry["batch_size"] <= batch_size for entry in vision)  # 32 is cut to the data's 28 pairs
     assert all(("pair_change_loss" in entry) == (batch_size == 16) for entry in vision)
+    # the one mask step's rate: batch 32 starts its ramp of at least 18 steps, batch 16 its one-step ramp at the top
+    assert vision[0]["learning_rate"] == pytest.approx(vision_learning_rate(batch_size) / vision_ramp_steps(batch_size, 1))
 
 
 def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):
@@ -295,6 +297,11 @@ def test_short_budgets_take_smaller_batches_and_fewer_probes():
     # alone, and so does batch 32 at its 3e-3 (where the term killed the mask probe at seed 4)
     assert change_flag_weight(10, 16) > 0 and change_flag_weight(SMALL_BATCH_BELOW_MINUTES, 16) == 0.0
     assert change_flag_weight(10, 32) == 0.0
+    # batch 32's rate ramps over at least MIN_BATCH32_RAMP_STEPS (a 6-step ramp to 3e-3 killed a mask probe); the
+    # ramp is a tenth of the mask steps otherwise
+    assert MIN_BATCH32_RAMP_STEPS == 18
+    assert vision_ramp_steps(32, 60) == 18 and vision_ramp_steps(32, 180) == 18 and vision_ramp_steps(32, 360) == 36
+    assert vision_ramp_steps(16, 60) == 6 and vision_ramp_steps(16, 5) == 1
     for steps in (1, 2, 3, 7, 20, 40, 41, 661):
         for probes in (1, 3):
             every = probe_every(steps, probes)

@@ -1,6 +1,7 @@
 """The vision warm-up (Nano's first training stage): the pairs' facts it reads from the instruction records, and
 one short run on a tiny model through its public function."""
 
+import math
 import os
 
 import numpy as np
@@ -346,6 +347,30 @@ def test_patch_positive_weight_weighs_each_categorys_changed_patches_in_the_mask
         with pytest.raises(ValueError, match="patch_positive_weight must be two weights > 0"):
             warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
                            steps=1, patch_positive_weight=bad)
+
+
+def test_vision_ramp_steps_sets_the_mask_phases_linear_ramp(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    rates = {}
+    for ramp in (None, 5):
+        torch.manual_seed(0)
+        history = warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor,
+                                 synthetic, steps=10, batch_size=2, learning_rate=1e-3, log_every=1,
+                                 log=lambda _: None, vision_ramp_steps=ramp)
+        rates[ramp] = [entry["learning_rate"] for entry in history]
+
+    def cosine(step):
+        return 0.5 * (1 + math.cos(math.pi * step / 10))
+
+    # default: a tenth of the 10 steps, so the first step is at the top; with 5, the rate climbs for 5 steps
+    assert rates[None] == pytest.approx([1e-3 * cosine(step) for step in range(10)])
+    assert rates[5] == pytest.approx([1e-3 * min(1.0, (step + 1) / 5) * cosine(step) for step in range(10)])
+    with pytest.raises(ValueError, match="vision_ramp_steps must be >= 1, got 0"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(tiny_config()), tiny_processor.image_processor, synthetic,
+                       steps=1, vision_ramp_steps=0)
 
 
 def test_patch_targets_cover_the_whole_image_when_the_side_is_no_multiple_of_the_grid(tmp_path):
