@@ -55,7 +55,8 @@ def main(argv=None):
         parser.error(f"--budget-minutes: below {SMALL_BATCH_BELOW_MINUTES:g} the demo's warm-up runs at batch 16, "
                      f"not 32 (got {args.budget_minutes:g})")
     pairs = args.pairs or budget_pairs(args.budget_minutes)
-    mask_steps = args.mask_steps or planned_warmup_steps(args.budget_minutes) // 2
+    planned = planned_warmup_steps(args.budget_minutes) // 2
+    mask_steps = args.mask_steps or planned
     ramp_steps = args.ramp_steps or vision_ramp_steps(32, mask_steps)
     # warm_up reads these: one Q-Former step after the mask phase, at the demo's batch 32
     args.steps, args.batch_size = mask_steps + 1, 32
@@ -80,14 +81,16 @@ def main(argv=None):
                      f"{seconds / 60:.1f}"])
     table = common.markdown_table(
         ["seed", "held-out patch F1 by step", "cells from the patches (end)", "mask probe", "minutes"], rows)
+    plan = "" if mask_steps == planned else f" (its plan: {planned})"
     markdown = (
-        f"The mask phase of `deltavlm demo --budget-minutes {args.budget_minutes:g}`'s warm-up: {mask_steps} steps at "
-        f"batch 32, the rate ramped up over {ramp_steps} steps (rate of train.demo at batch 32, yes/no weight "
-        f"{flag_weight:g}), {pairs} synthetic pairs a seed (light variation), held-out patch F1 on up to {args.validation_pairs} val pairs. Dead (held-out patch F1 "
-        f"below {DEAD_BELOW:g} at the end): {len(dead)} of {len(args.seeds)}"
-        f"{' (seeds ' + ', '.join(map(str, dead)) + ')' if dead else ''}.\n\n{table}\n"
+        f"The mask phase of `deltavlm demo --budget-minutes {args.budget_minutes:g}`'s warm-up: {mask_steps} steps"
+        f"{plan} at batch 32, the rate ramped up over {ramp_steps} steps (rate of train.demo at batch 32, yes/no "
+        f"weight {flag_weight:g}), {pairs} synthetic pairs a seed (light variation), held-out patch F1 on up to "
+        f"{args.validation_pairs} val pairs. Dead (held-out patch F1 below {DEAD_BELOW:g} at the end): {len(dead)} of "
+        f"{len(args.seeds)}{' (seeds ' + ', '.join(map(str, dead)) + ')' if dead else ''}.\n\n{table}\n"
     )
-    payload = {"benchmark": "warmup_batch32", "budget_minutes": args.budget_minutes, "mask_steps": mask_steps, "ramp_steps": ramp_steps,
+    payload = {"benchmark": "warmup_batch32", "budget_minutes": args.budget_minutes, "mask_steps": mask_steps,
+               "ramp_steps": ramp_steps,
                "pairs": pairs, "seeds": args.seeds, "dead": dead, "dead_below": DEAD_BELOW,
                "change_flag_weight": flag_weight, "validation_pairs": args.validation_pairs, "histories": runs,
                "machine": info}

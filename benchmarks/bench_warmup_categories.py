@@ -1,6 +1,6 @@
 """Roads and buildings apart after Nano's short warm-up, as the demo runs it and with variants for roads, held out.
 
-    python benchmarks/bench_warmup_categories.py [--seeds 4 0] [--variants demo inverse_frequency road_patches]
+    python benchmarks/bench_warmup_categories.py [--seeds 4 0] [--variants demo inverse_frequency road_patches long_ramp]
         [--pairs 900] [--data-root DIR] [--steps 120] [--batch-size 16] [--validation-pairs 90] [--threads 2]
 
 For each seed: the synthetic data of `deltavlm demo --seed N` at its 10-minute default (generated under
@@ -9,7 +9,9 @@ same seed as the demo runs it on a slow machine (120 steps at batch 16, half on 
 half on the facts, `train.demo`'s rates), once for each variant (VARIANTS): as the demo does ("demo"), with
 `count_weighting="inverse_frequency"` (each count class weighted by its inverse frequency in the Q-Former phase's
 fact loss), and with the changed road patches weighted 12 instead of 4 in the mask loss (`patch_positive_weight`;
-changed road patches are ~1.4% of the patches, buildings' ~3%). Scored per category on the
+changed road patches are ~1.4% of the patches, buildings' ~3%), and with the mask phase's rate ramped up over 18
+steps instead of a tenth of its steps (`vision_ramp_steps`; what kept batch 32's mask phases alive). Scored per
+category on the
 same held-out val pairs: the patches' change F1 and the cells they give, the queries' cells, each count's error
 beside always-zero's, and for how many pairs the queries' probe says a road changed against how many did. Why:
 the 10-minute default never named a changed road in its answers (README, "Per category"). Needs the Nano parts
@@ -34,6 +36,7 @@ VARIANTS = {  # name: warm_up_vision options on top of the demo's
     "demo": {},
     "inverse_frequency": {"count_weighting": "inverse_frequency"},
     "road_patches": {"patch_positive_weight": (12.0, 4.0)},
+    "long_ramp": {"vision_ramp_steps": 18},
 }
 COLUMNS = [  # (header, roads key, buildings key)
     ("patch F1 roads / buildings", "val_patch_f1_roads", "val_patch_f1_buildings"),

@@ -189,6 +189,9 @@ def test_warmup_batch32_benchmark(tmp_path):
     training_pairs = len(change_pairs(tmp_path / "data" / "seed3"))
     assert all(entry["batch_size"] == min(32, training_pairs) for entry in history)  # batch 32, or all there are
     assert payload["mask_steps"] == 4 and payload["change_flag_weight"] == 0
+    # the demo's ramp at batch 32: never shorter than 18 steps, so 4 mask steps stay on its first rungs
+    assert payload["ramp_steps"] == 18 and history[0]["learning_rate"] == pytest.approx(3e-3 / 18)
+    assert "4 steps (its plan: 180) at batch 32, the rate ramped up over 18 steps" in markdown
     dead = history[-2]["val_patch_f1"] < payload["dead_below"]
     assert payload["dead"] == ([3] if dead else []) and ("| dead |" if dead else "| alive |") in markdown
     too_short = subprocess.run(command[:2] + ["--budget-minutes", "10"], capture_output=True, text=True, cwd=REPO,
