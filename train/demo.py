@@ -498,7 +498,8 @@ def size_warm_up(budget_minutes: float, steps: int, step_seconds: float | None) 
     on many seeds. Until 2026-11-28 a machine fast enough for batch 32 got it, at 3e-3: on such an hour (EPYC,
     10-minute default) 2 of the 5 batch-32 warm-ups lost their mask probe for good (held-out patch F1 0.0 from step
     30; seed 2 without the pair's yes/no, seed 4 with it) and their demos answered every binary question alike,
-    where none of the batch-16 warm-ups measured since 2026-11-27 (more than 20) did. A longer budget keeps batch 32 and its steps where
+    where none of the batch-16 warm-ups measured since 2026-11-27 (more than 20) did (the cause, measured since: the
+    6-step ramp to 3e-3, now at least MIN_BATCH32_RAMP_STEPS). A longer budget keeps batch 32 and its steps where
     they fit WARMUP_SHARE of the budget, else cuts the steps (not below MIN_WARMUP_STEPS)."""
     if budget_minutes < SMALL_BATCH_BELOW_MINUTES:
         return steps, 16
