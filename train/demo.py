@@ -89,8 +89,8 @@ WARMUP_SHARE = 0.3
 MIN_WARMUP_STEPS = 120
 # The mask phase's ramp to 3e-3 at batch 32, at least (`vision_ramp_steps`). With a tenth of 60 mask steps (the
 # fewest MIN_WARMUP_STEPS leaves, a machine too slow for the planned ones) seed 2's mask probe died for good
-# (held-out patch F1 0.0 from step 15) where an 18-step ramp (180 mask steps, the 30-minute plan) kept all of 6
-# seeds alive (EPYC, 2026-11-28, benchmarks/bench_warmup_batch32.py).
+# (held-out patch F1 0.0 from step 15) and left seeds 0, 1, 3, 5 weaker, where an 18-step ramp kept all of seeds
+# 0-5 alive, at 60 mask steps and at 180 (the 30-minute plan) (EPYC, 2026-11-28, benchmarks/bench_warmup_batch32.py).
 MIN_BATCH32_RAMP_STEPS = 18
 # A warm-up step costs this many times the mask-phase step that `_measure_warmup_step_seconds` times: the Q-Former
 # phase's steps and the held-out scoring cost more. On the EPYC (2026-11-27) the timed step read 2.5 s and the

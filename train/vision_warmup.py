@@ -446,8 +446,8 @@ def warm_up_vision(
     beside how many did (`val_roads_changed`).
 
     The mask phase's rate ramps up linearly over `vision_ramp_steps` (default a tenth of its steps), then falls on a
-    cosine. At batch 32 and 3e-3 a 6-step ramp (60 mask steps) lost the mask probe for good on 2 of 5 seeds, an
-    18-step one on none of 6 (`benchmarks/bench_warmup_batch32.py`).
+    cosine. At batch 32 and 3e-3 with 60 mask steps, a 6-step ramp lost the mask probe for good on 1 of 6 seeds and
+    left the others weaker; an 18-step one kept all 6 alive (`benchmarks/bench_warmup_batch32.py`).
     `patch_positive_weight` weighs the changed patches of roads and of buildings in the mask loss (changes cover a
     small share of the patches). Roads' 12 against 4 was measured and not adopted
     (`benchmarks/bench_warmup_categories.py`).
