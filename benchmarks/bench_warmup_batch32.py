@@ -1,7 +1,8 @@
 """How often the longer budgets' mask phase (batch 32 at 3e-3) dies, over seeds, held out.
 
     python benchmarks/bench_warmup_batch32.py [--budget-minutes 30] [--seeds 0 1 2 3 4 5] [--data-root DIR]
-        [--pairs N] [--mask-steps N] [--ramp-steps N] [--validation-pairs 64] [--threads 2]
+        [--pairs N] [--mask-steps N] [--ramp-steps N] [--mask-subgrid 1] [--qformer-steps 1] [--validation-pairs 64]
+        [--threads 2]
 
 For each seed: the synthetic data of `deltavlm demo --seed N --budget-minutes B` (its pair count for that budget,
 light variation; generated under DIR/seed<N>, or reused, also from a demo run folder there), then the mask phase of
@@ -41,6 +42,10 @@ def main(argv=None):
     parser.add_argument("--mask-steps", type=int, default=None, help="mask-phase steps (default: the budget's)")
     parser.add_argument("--ramp-steps", type=int, default=None,
                         help="steps of the rate's linear ramp (default: what the demo gives those mask steps)")
+    parser.add_argument("--mask-subgrid", type=int, default=1,
+                        help="each patch predicts k x k sub-patches of the mask (warm_up_vision's mask_subgrid)")
+    parser.add_argument("--qformer-steps", type=int, default=1,
+                        help="Q-Former steps after the mask phase (more than 1: the queries' held-out scores too)")
     parser.add_argument("--validation-pairs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
@@ -58,8 +63,8 @@ def main(argv=None):
     planned = planned_warmup_steps(args.budget_minutes) // 2
     mask_steps = args.mask_steps or planned
     ramp_steps = args.ramp_steps or vision_ramp_steps(32, mask_steps)
-    # warm_up reads these: one Q-Former step after the mask phase, at the demo's batch 32
-    args.steps, args.batch_size = mask_steps + 1, 32
+    # warm_up reads these: by default one Q-Former step after the mask phase, at the demo's batch 32
+    args.steps, args.batch_size = mask_steps + args.qformer_steps, 32
     flag_weight = change_flag_weight(args.budget_minutes, 32)
     info = common.machine_info()
     root = Path(args.data_root or tempfile.mkdtemp(prefix="deltavlm-warmup-batch32-"))
@@ -69,7 +74,7 @@ def main(argv=None):
         data_dir = seed_data(root, seed, pairs)
         started = time.time()
         history = warm_up(data_dir, seed, args, f"seed {seed}", vision_steps=mask_steps, change_flag_weight=flag_weight,
-                          vision_ramp_steps=ramp_steps)
+                          vision_ramp_steps=ramp_steps, mask_subgrid=args.mask_subgrid)
         seconds = time.time() - started
         runs[f"seed{seed}"] = history
         vision = [entry for entry in history if entry.get("phase") == "vision" and "val_patch_f1" in entry]
@@ -90,7 +95,7 @@ def main(argv=None):
         f"{len(args.seeds)}{' (seeds ' + ', '.join(map(str, dead)) + ')' if dead else ''}.\n\n{table}\n"
     )
     payload = {"benchmark": "warmup_batch32", "budget_minutes": args.budget_minutes, "mask_steps": mask_steps,
-               "ramp_steps": ramp_steps,
+               "ramp_steps": ramp_steps, "mask_subgrid": args.mask_subgrid, "qformer_steps": args.qformer_steps,
                "pairs": pairs, "seeds": args.seeds, "dead": dead, "dead_below": DEAD_BELOW,
                "change_flag_weight": flag_weight, "validation_pairs": args.validation_pairs, "histories": runs,
                "machine": info}

@@ -149,8 +149,59 @@ def qformer_weights_from_minilm(qformer_state: dict[str, torch.Tensor]) -> dict[
     return mapped
 
 
-def build_nano(seed: int = 0, **config_overrides):
-    """A fresh DeltaVLM-Nano (untrained ViT, CSRM, projection; MiniLM Q-Former; frozen SmolLM2) and its processor."""
+def sincos_position_embeddings(grid: int, width: int, scale: float = 1.0) -> torch.Tensor:
+    """(1 + grid*grid, width) 2-D sine-cosine position table: the CLS row zeros, then the patches in row-major order.
+
+    The first half of the width encodes the patch's row, the second its column, each as sines and cosines of the
+    position at `width // 4` geometric frequencies (periods 2*pi to 2*pi*10000), as MAE initialises its ViT, times
+    `scale`.
+    """
+    if width % 4:
+        raise ValueError(f"sincos_position_embeddings: width must be a multiple of 4, got {width}")
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (width/4,)
+    rows, columns = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(position: torch.Tensor) -> torch.Tensor:  # (grid*grid,) -> (grid*grid, width/2)
+        angles = position.reshape(-1, 1).double() * frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    table = torch.cat([encode(rows), encode(columns)], dim=-1)
+    return scale * torch.cat([torch.zeros(1, width, dtype=torch.float64), table]).float()
+
+
+def parse_position_table(table: str) -> tuple[str, float]:
+    """"normal" / "sincos" / "sincos:S" -> (name, scale); a clear error for anything else."""
+    name, _, scale = table.partition(":")
+    if name not in ("normal", "sincos") or (scale and name != "sincos"):
+        raise ValueError(f"position table {table!r}: expected 'normal', 'sincos' or 'sincos:SCALE'")
+    try:
+        return name, float(scale or 1.0)
+    except ValueError:
+        raise ValueError(f"position table {table!r}: SCALE must be a number") from None
+
+
+def set_position_table(model, table: str = "normal") -> None:
+    """Start a from-scratch ViT's learnable position table as `table` says: "normal" leaves the initialiser's
+    N(0, 0.02) draw, "sincos" writes the 2-D sine-cosine table, "sincos:S" that table times S.
+
+    Nano keeps "normal". From it the mask phase reads a patch's position late (after 90-180+ steps at batch 32, never
+    in the 10-minute default's 60) because the draw is ~25x weaker than the patch embeddings; "sincos" makes it
+    readable within 30 steps, but at the 10-minute default the Q-Former phase that follows then read the changes
+    worse on all four seeds measured (`benchmarks/bench_position_table.py`; docs/nano_experiments.md, "The ViT's
+    position table").
+    """
+    name, scale = parse_position_table(table)
+    if name == "normal":
+        return
+    vision = model.config.vision_config
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.copy_(
+            sincos_position_embeddings(vision.image_size // vision.patch_size, vision.hidden_size, scale)[None])
+
+
+def build_nano(seed: int = 0, position_table: str = "normal", **config_overrides):
+    """A fresh DeltaVLM-Nano (untrained ViT, CSRM, projection; MiniLM Q-Former; frozen SmolLM2) and its processor.
+    `position_table`: how the ViT's position table starts (`set_position_table`)."""
     torch.manual_seed(seed)
     tokenizer, qformer_tokenizer = load_nano_tokenizers()
     language_model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -173,6 +224,7 @@ def build_nano(seed: int = 0, **config_overrides):
     text_config["pad_token_id"] = tokenizer.pad_token_id
     config = nano_config(text_config, processor.image_token_id, **config_overrides)
     model = DeltaVLMForConditionalGeneration(config)
+    set_position_table(model, position_table)
     model.language_model.load_state_dict(language_model.state_dict())
     model.qformer.load_state_dict(qformer_weights_from_minilm(model.qformer.state_dict()), strict=False)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -184,4 +236,5 @@ def build_nano(seed: int = 0, **config_overrides):
     return model, processor
 
 
-__all__ = ["build_nano", "load_nano_tokenizers", "nano_config", "qformer_weights_from_minilm"]
+__all__ = ["build_nano", "load_nano_tokenizers", "nano_config", "parse_position_table", "qformer_weights_from_minilm",
+           "set_position_table", "sincos_position_embeddings"]

@@ -182,24 +182,47 @@ def test_warmup_batch32_benchmark(tmp_path):
 
     command = [sys.executable, str(REPO / "benchmarks" / "bench_warmup_batch32.py"), "--seeds", "3", "--pairs", "30",
                "--mask-steps", "4", "--validation-pairs", "3", "--data-root", str(tmp_path / "data"),
-               "--out", str(tmp_path)]
+               "--out", str(tmp_path), "--mask-subgrid", "2", "--qformer-steps", "2"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     payload, markdown = _load(tmp_path, "warmup_batch32")
     history = payload["histories"]["seed3"]
-    # the mask phase at the longer budgets' batch, then the one Q-Former step that scores it held out
-    assert [entry["phase"] for entry in history] == ["vision"] * 4 + ["qformer"]  # 5 steps: each one logged
+    # the mask phase at the longer budgets' batch, then the Q-Former steps asked for, scored held out
+    assert [entry["phase"] for entry in history] == ["vision"] * 4 + ["qformer"] * 2  # 6 steps: each one logged
+    assert payload["mask_subgrid"] == 2 and 0.0 <= history[-1]["val_cell_f1"] <= 1.0
     training_pairs = len(change_pairs(tmp_path / "data" / "seed3"))
     assert all(entry["batch_size"] == min(32, training_pairs) for entry in history)  # batch 32, or all there are
     assert payload["mask_steps"] == 4 and payload["change_flag_weight"] == 0
     # the demo's ramp at batch 32: never shorter than 18 steps, so 4 mask steps stay on its first rungs
     assert payload["ramp_steps"] == 18 and history[0]["learning_rate"] == pytest.approx(3e-3 / 18)
     assert "4 steps (its plan: 180) at batch 32, the rate ramped up over 18 steps" in markdown
-    dead = history[-2]["val_patch_f1"] < payload["dead_below"]
+    dead = history[3]["val_patch_f1"] < payload["dead_below"]
     assert payload["dead"] == ([3] if dead else []) and ("| dead |" if dead else "| alive |") in markdown
     too_short = subprocess.run(command[:2] + ["--budget-minutes", "10"], capture_output=True, text=True, cwd=REPO,
                                timeout=300, check=False)
     assert too_short.returncode != 0 and "below 30 the demo's warm-up runs at batch 16" in too_short.stderr
+
+
+@pytest.mark.slow
+def test_position_table_benchmark(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_position_table.py"), "--seeds", "3", "--pairs", "30",
+               "--steps", "4", "--tables", "normal", "sincos:0.5", "--validation-pairs", "3", "--data-root",
+               str(tmp_path / "data"), "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "position_table")
+    normal, sincos = payload["histories"]["seed3_normal"], payload["histories"]["seed3_sincos:0.5"]
+    # the 10-minute default's warm-up: batch 16, half the steps on the masks with the pair's yes/no, half on the facts
+    assert payload["batch_size"] == 16 and payload["change_flag_weight"] > 0
+    assert [entry["phase"] for entry in normal] == ["vision", "vision", "qformer", "qformer"]
+    assert normal[0]["loss"] != sincos[0]["loss"]  # same seed and batch: only the position table differs
+    for history in (normal, sincos):
+        assert 0.0 <= history[1]["val_position_accuracy"] <= 1.0 and 0.0 <= history[-1]["val_cell_f1"] <= 1.0
+    assert "| 3 | normal |" in markdown and "| 3 | sincos:0.5 |" in markdown
+    wrong = subprocess.run(command[:2] + ["--tables", "sincos:half"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300, check=False)
+    assert wrong.returncode != 0 and "SCALE must be a number" in wrong.stderr
 
 
 @pytest.mark.slow

@@ -119,16 +119,32 @@ def pair_change_loss(patch_logits: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 class ChangeProbe(nn.Module):
-    """Per-patch logits (road changed, building changed) from the difference module's output for A and B."""
+    """Per-patch logits (road changed, building changed) from the difference module's output for A and B.
 
-    def __init__(self, width: int):
+    With `subgrid` k > 1 each patch predicts its k x k sub-patches instead: the targets then come from the mask at
+    k times the patch grid, so a patch learns where inside it the change lies, not only whether it passes the 5%
+    rule.
+    """
+
+    def __init__(self, width: int, subgrid: int = 1):
         super().__init__()
-        self.classifier = nn.Linear(2 * width, 2)
+        if subgrid < 1:
+            raise ValueError(f"ChangeProbe: subgrid must be >= 1, got {subgrid}")
+        self.subgrid = subgrid
+        self.classifier = nn.Linear(2 * width, 2 * subgrid * subgrid)
 
     def forward(self, pair_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, 2*S, D) -> (B, S-1, 2), CLS token dropped"""
+        """(B, 2*S, D) -> (B, (grid*k)**2, 2), CLS token dropped; grid*grid = S-1, row-major over the fine grid"""
         before, after = pair_embeds.chunk(2, dim=1)
-        return self.classifier(torch.cat([before, after], dim=-1)[:, 1:])
+        logits = self.classifier(torch.cat([before, after], dim=-1)[:, 1:])  # (B, grid*grid, k*k*2)
+        k = self.subgrid
+        if k == 1:
+            return logits
+        batch, patches = logits.shape[:2]
+        grid = math.isqrt(patches)
+        # patch (r, c), sub-patch (i, j) -> fine cell (r*k + i, c*k + j)
+        fine = logits.reshape(batch, grid, grid, k, k, 2).permute(0, 1, 3, 2, 4, 5)
+        return fine.reshape(batch, grid * k * grid * k, 2)
 
 
 class PositionProbe(nn.Module):
@@ -389,6 +405,7 @@ def warm_up_vision(
     count_weighting: str = "none",
     patch_positive_weight: tuple[float, float] = (4.0, 4.0),
     vision_ramp_steps: int | None = None,
+    mask_subgrid: int = 1,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -452,13 +469,22 @@ def warm_up_vision(
     small share of the patches). Roads' 12 against 4 was measured and not adopted
     (`benchmarks/bench_warmup_categories.py`).
 
+    With `mask_subgrid` k > 1 each patch predicts its k x k sub-patches (`ChangeProbe(subgrid=k)`): the mask targets,
+    the held-out patch F1 and the cells read from the patches then come at k times the patch grid. Measured, not
+    adopted: at k = 4 the 30-minute demo's 180 mask steps (batch 32, seed 0) ended with the cells from the patches at
+    0.517 against 0.619 at k = 1, and seed 1 trailed too (0.30 against 0.42 at step 45); the probe also read
+    positions later (EPYC, 2026-11-28, `bench_warmup_batch32.py --mask-subgrid 4`).
+
     `vision_cache` (an empty `FrozenVisionCache` of this model) is the one the Q-Former phase fills, for a caller
     that reads the frozen vision side again afterwards (`train.projection_alignment`).
     """
     pairs = change_pairs(data_dir)
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    probe = ChangeProbe(vision.hidden_size)
+    if mask_subgrid < 1:
+        raise ValueError(f"warm_up_vision: mask_subgrid must be >= 1, got {mask_subgrid}")
+    probe = ChangeProbe(vision.hidden_size, mask_subgrid)
+    mask_grid = grid * mask_subgrid  # the grid the mask targets, patch F1 and the patches' cells are read at
     position_probe = PositionProbe(vision.hidden_size, grid)
     if batch_size < 1:
         raise ValueError(f"warm_up_vision: batch_size must be >= 1, got {batch_size}")
@@ -558,7 +584,7 @@ def warm_up_vision(
             entry = {"step": step, "phase": "vision" if vision_phase else "qformer", "batch_size": len(batch)}
             if vision_phase:
                 pixel_values = image_processor(images)["pixel_values"]
-                targets = patch_targets([mask for _, _, mask in batch], grid)
+                targets = patch_targets([mask for _, _, mask in batch], mask_grid)
                 if mask_augment:
                     pixel_values, targets = dihedral(pixel_values, targets, augment_generator)
                 pair_embeds = model.get_pair_embeds(pixel_values).pair_embeds
@@ -604,14 +630,14 @@ def warm_up_vision(
                         message += f", change accuracy (queries) {entry['change_accuracy']}"
                 if held_out:
                     # the query probe only learns in the Q-Former phase: before it, its scores would be noise
-                    scores = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts, grid,
+                    scores = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts, mask_grid,
                                               prompts[FACT_PROMPTS.index(TASK_PROMPTS["localization"])],
                                               with_queries=not vision_phase,
                                               position_probe=position_probe if position_weight else None,
                                               cell_query_probe=cell_query_probe)
                     if own_prompts and not vision_phase:
                         under_own = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts,
-                                                     grid, own_prompts)
+                                                     mask_grid, own_prompts)
                         scores.update({f"{key}_own": value for key, value in under_own.items()
                                        if key not in ("val_patch_f1", "val_patch_cell_f1")
                                        and not key.endswith(PER_CATEGORY_SUFFIXES)})

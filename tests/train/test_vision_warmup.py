@@ -373,6 +373,63 @@ def test_vision_ramp_steps_sets_the_mask_phases_linear_ramp(synthetic, tiny_proc
                        steps=1, vision_ramp_steps=0)
 
 
+def test_change_probe_subgrid_lays_each_patchs_sub_patches_out_on_the_fine_grid():
+    from train.vision_warmup import ChangeProbe
+
+    grid, k, width = 3, 2, 4
+    probe = ChangeProbe(width, subgrid=k)
+    with torch.no_grad():  # output o of patch p is 1000 * p + o: feature 0 of A's patch p holds p
+        probe.classifier.weight.zero_()
+        probe.classifier.weight[:, 0] = 1000.0
+        probe.classifier.bias.copy_(torch.arange(2 * k * k, dtype=torch.float))
+    before = torch.zeros(1, 1 + grid * grid, width)
+    before[0, 1:, 0] = torch.arange(grid * grid, dtype=torch.float)
+    logits = probe(torch.cat([before, torch.zeros_like(before)], dim=1))
+    assert logits.shape == (1, (grid * k) ** 2, 2)
+    fine = logits[0].unflatten(0, (grid * k, grid * k))  # (row, column, category)
+    for row in range(grid * k):
+        for column in range(grid * k):
+            patch = (row // k) * grid + column // k
+            sub = (row % k) * k + column % k
+            assert fine[row, column].tolist() == [1000.0 * patch + 2 * sub, 1000.0 * patch + 2 * sub + 1]
+    assert ChangeProbe(width)(torch.cat([before, before], dim=1)).shape == (1, grid * grid, 2)
+    with pytest.raises(ValueError, match="subgrid must be >= 1, got 0"):
+        ChangeProbe(width, subgrid=0)
+
+
+def test_mask_subgrid_trains_and_scores_the_mask_at_the_finer_grid(synthetic, tiny_processor, monkeypatch):
+    import train.vision_warmup as vision_warmup
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    facts = _train_facts(synthetic)
+    validation = pair_facts(synthetic / "annotations" / "changechat_val.json", synthetic / "images")
+    histories = {}
+    for subgrid in (1, 3):
+        grids_read = []
+
+        def recording(paths, grid_asked):
+            grids_read.append(grid_asked)
+            return patch_targets(paths, grid_asked)
+
+        monkeypatch.setattr(vision_warmup, "patch_targets", recording)
+        torch.manual_seed(0)
+        histories[subgrid] = warm_up_vision(
+            DeltaVLMForConditionalGeneration(config), tiny_processor.image_processor, synthetic, steps=3,
+            batch_size=2, log_every=1, log=lambda _: None, processor=tiny_processor, facts=facts,
+            validation_facts=validation, vision_steps=2, validation_pairs=4, mask_subgrid=subgrid)
+        # training and held-out scoring both read the mask at k times the patch grid
+        assert set(grids_read) == {grid * subgrid}
+        assert all("val_patch_cell_f1" in entry for entry in histories[subgrid])
+    assert [e["loss"] for e in histories[1]] != [e["loss"] for e in histories[3]]
+    with pytest.raises(ValueError, match="mask_subgrid must be >= 1, got 0"):
+        warm_up_vision(DeltaVLMForConditionalGeneration(config), tiny_processor.image_processor, synthetic, steps=1,
+                       mask_subgrid=0)
+
+
 def test_patch_targets_cover_the_whole_image_when_the_side_is_no_multiple_of_the_grid(tmp_path):
     mask = np.zeros((256, 256), np.uint8)
     mask[100:140, 250:256] = BUILDING  # the last 6 px column: 256 px on 10 patches are 25.6 px each
