@@ -135,6 +135,17 @@ ALIGNMENT_EXAMPLES = 512
 ALIGNMENT_STEPS = 300
 
 
+def _position_table(value: str) -> str:
+    """argparse type of --position-table: the names `build_nano.set_position_table` knows."""
+    from modeling_deltavlm.build_nano import parse_position_table
+
+    try:
+        parse_position_table(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltavlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="deltavlm-demo", help="working folder (data, checkpoints, results)")
@@ -144,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variation", choices=["light", "heavy"], default="light", help="irrelevant variation in B")
     parser.add_argument("--no-difference-module", action="store_true", help="train Nano with CSRM switched off")
+    parser.add_argument("--position-table", type=_position_table, default="normal",
+                        help="how the ViT's position table starts: normal (N(0, 0.02), the default), sincos (2-D sines "
+                             "and cosines) or sincos:SCALE; measured in benchmarks/bench_position_table.py")
     parser.add_argument("--frozen-llm", action="store_true",
                         help="no LoRA adapters on the language model (the paper's set-up; learns far slower at this size)")
     parser.add_argument("--no-projection-alignment", action="store_true",
@@ -229,7 +243,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
         from train.vision_warmup import FrozenVisionCache, pair_facts, warm_up_vision
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
-        model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module)
+        model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module,
+                                      position_table=args.position_table)
         if generation is not None:
             generation.wait()
             say(f"the synthetic data is ready in {data_dir}")

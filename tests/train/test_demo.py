@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
@@ -145,7 +146,7 @@ def test_a_full_disk_while_saving_the_warmed_up_nano_leaves_nothing_to_reuse(tmp
     import modeling_deltavlm.build_nano as build_nano_module
     from modeling_deltavlm import DeltaVLMForConditionalGeneration
 
-    def tiny_nano(seed=0, use_difference_module=True):
+    def tiny_nano(seed=0, use_difference_module=True, position_table="normal"):
         return DeltaVLMForConditionalGeneration(make_tiny_config()), tiny_processor
 
     def disk_full(self, save_directory, *args, **kwargs):
@@ -182,8 +183,8 @@ def test_the_pairs_yes_no_trains_only_in_the_small_batch_warm_up(tmp_path, synth
         raise SafetensorError("stop here: the warm-up log is written")
 
     monkeypatch.setattr(build_nano_module, "build_nano",
-                        lambda seed=0, use_difference_module=True: (DeltaVLMForConditionalGeneration(make_tiny_config()),
-                                                                    tiny_processor))
+                        lambda seed=0, use_difference_module=True, position_table="normal": (
+                            DeltaVLMForConditionalGeneration(make_tiny_config()), tiny_processor))
     monkeypatch.setattr(demo, "_measure_warmup_step_seconds",
                         lambda *args, **kwargs: pytest.fail("a short budget timed a warm-up step"))
     real_size_warm_up = demo.size_warm_up
@@ -199,6 +200,45 @@ def test_the_pairs_yes_no_trains_only_in_the_small_batch_warm_up(tmp_path, synth
     assert all(("pair_change_loss" in entry) == (batch_size == 16) for entry in vision)
     # the one mask step's rate: batch 32 starts its ramp of at least 18 steps, batch 16 its one-step ramp at the top
     assert vision[0]["learning_rate"] == pytest.approx(vision_learning_rate(batch_size) / vision_ramp_steps(batch_size, 1))
+
+
+def test_position_table_reaches_the_nano_the_demo_builds(tmp_path, synthetic, tiny_processor, make_tiny_config,
+                                                         monkeypatch, capsys):
+    """`--position-table` starts the warmed-up ViT from the named table (default: the initialiser's draw); a name
+    that `set_position_table` does not know is refused before any work, naming the option."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    import modeling_deltavlm.build_nano as build_nano_module
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+
+    built = []
+
+    def tiny_nano(seed=0, use_difference_module=True, position_table="normal"):
+        model = DeltaVLMForConditionalGeneration(make_tiny_config())
+        build_nano_module.set_position_table(model, position_table)
+        built.append((position_table, model.vision_model.embeddings.position_embedding.detach().clone()))
+        return model, tiny_processor
+
+    def stop_after_the_warm_up(self, save_directory, *args, **kwargs):
+        raise SafetensorError("stop here: the warm-up log is written")
+
+    monkeypatch.setattr(build_nano_module, "build_nano", tiny_nano)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", stop_after_the_warm_up)
+    for table in (None, "sincos:0.5"):
+        out = tmp_path / f"demo-{table}"
+        shutil.copytree(synthetic, out / "data")
+        option = ["--position-table", table] if table else []
+        assert main(["--out", str(out), "--warmup-steps", "2", "--no-projection-alignment", "--no-save", *option]) == 1
+    assert [name for name, _ in built] == ["normal", "sincos:0.5"]
+    vision = make_tiny_config().vision_config
+    grid = vision.image_size // vision.patch_size
+    expected = 0.5 * build_nano_module.sincos_position_embeddings(grid, vision.hidden_size)
+    assert torch.allclose(built[1][1][0], expected) and not torch.allclose(built[0][1][0], expected)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--position-table", "fourier"])
+    assert "--position-table" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):
