@@ -226,19 +226,26 @@ def count_metrics(predictions: list[dict | None], references: list[dict]) -> dic
     """MAE and RMSE of the road and building counts, each category separately.
 
     predictions / references: {"roads": int, "buildings": int}; a prediction of None (unparsed)
-    counts as 0 roads and 0 buildings — the answer claimed no countable change. Returns
-    {"num_samples", "num_unparsed", "roads": {"mae", "rmse"}, "buildings": {"mae", "rmse"}};
-    MAE/RMSE are None for an empty set.
+    counts as wrong in each category, by the least a wrong count can miss: 0 where the truth is
+    above 0 (an error of the true count), 1 where it is 0. (Reading it as "no change" would score
+    "I cannot tell" as right on every unchanged pair.) Returns {"num_samples", "num_unparsed",
+    "roads": {"mae", "rmse"}, "buildings": {"mae", "rmse"}}; MAE/RMSE are None for an empty set.
     """
     _check_lengths(predictions, references)
     result = {"num_samples": len(references), "num_unparsed": sum(p is None for p in predictions)}
     for category in CATEGORIES:
-        errors = [((p or {}).get(category, 0) - r[category]) for p, r in zip(predictions, references)]
+        errors = [_count_of(p, r, category) - r[category] for p, r in zip(predictions, references)]
         result[category] = {
             "mae": sum(abs(e) for e in errors) / len(errors) if errors else None,
             "rmse": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None,
         }
     return result
+
+
+def _count_of(prediction: dict | None, reference: dict, category: str) -> int:
+    if prediction is None:  # unparsed: wrong by one at least
+        return 0 if reference[category] > 0 else 1
+    return prediction.get(category, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +255,8 @@ def localization_metrics(predictions: list[dict | None], references: list[dict])
     """Multi-label 3x3-grid metrics per category, over the 9 cells of GRID_CELLS.
 
     predictions / references: {"roads": [cells], "buildings": [cells]}; a prediction of None
-    (unparsed) counts as no cell changed. Per category: hamming_loss (fraction of the N×9 labels
+    (unparsed) gets every one of its 9 labels wrong (the complement of the truth), as binary counts
+    an unparsed answer as the opposite of the truth. Per category: hamming_loss (fraction of the N×9 labels
     that differ), micro precision/recall/F1, sample-averaged Jaccard (a pair where both sets are
     empty scores 1, the answer is right), exact_match (both 9-label rows equal). All ×100 except
     the Hamming loss, which is a fraction in [0, 1].
@@ -256,8 +264,8 @@ def localization_metrics(predictions: list[dict | None], references: list[dict])
     _check_lengths(predictions, references)
     result = {"num_samples": len(references), "num_unparsed": sum(p is None for p in predictions)}
     for category in CATEGORIES:
-        predicted = [set((p or {}).get(category, [])) for p in predictions]
         truth = [set(r[category]) for r in references]
+        predicted = [set(GRID_CELLS) - t if p is None else set(p.get(category, [])) for p, t in zip(predictions, truth)]
         result[category] = _multilabel_scores(predicted, truth)
     return result
 

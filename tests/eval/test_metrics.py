@@ -109,13 +109,22 @@ def test_binary_metrics_no_positive_predictions():
 
 def test_count_metrics_hand_checked():
     scores = count_metrics(
-        [{"roads": 1, "buildings": 2}, None],  # unparsed counts as 0 / 0
+        [{"roads": 1, "buildings": 2}, None],  # unparsed: wrong in each category (0 for the 2 roads, 1 for 0 buildings)
         [{"roads": 0, "buildings": 2}, {"roads": 2, "buildings": 0}],
     )
     assert scores["num_unparsed"] == 1
     assert scores["roads"]["mae"] == pytest.approx(1.5)  # errors 1, -2
     assert scores["roads"]["rmse"] == pytest.approx(math.sqrt(2.5))
-    assert scores["buildings"] == {"mae": 0.0, "rmse": 0.0}
+    assert scores["buildings"]["mae"] == pytest.approx(0.5)  # errors 0, 1
+    assert scores["buildings"]["rmse"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_unparsed_count_is_never_right():
+    """"I cannot tell" on an unchanged pair is not a correct "0 / 0"."""
+    scores = count_metrics([None], [{"roads": 0, "buildings": 0}])
+    assert scores["roads"]["mae"] == 1.0 and scores["buildings"]["mae"] == 1.0
+    assert score_task("count", ["I cannot tell"], ["No roads has changed, and no buildings has changed."])[
+        "roads"]["mae"] == 1.0
 
 
 def test_localization_metrics_hand_checked():
@@ -129,13 +138,20 @@ def test_localization_metrics_hand_checked():
     )
     roads, buildings = scores["roads"], scores["buildings"]
     assert scores["num_unparsed"] == 1
-    assert roads["hamming_loss"] == pytest.approx(1 / 27)  # one wrong label of 3 x 9
-    assert (roads["precision"], roads["recall"]) == (pytest.approx(100.0), pytest.approx(50.0))
-    assert roads["f1"] == pytest.approx(200 / 3)
-    assert roads["jaccard"] == pytest.approx(100 * (0.5 + 1 + 1) / 3)  # empty vs empty = 1
-    assert roads["exact_match"] == pytest.approx(200 / 3)
+    # the unparsed answer gets all 9 labels of each category wrong: roads 1 + 9 wrong labels of 3 x 9
+    assert roads["hamming_loss"] == pytest.approx(10 / 27)
+    assert (roads["precision"], roads["recall"]) == (pytest.approx(10.0), pytest.approx(50.0))  # TP 1, FP 9, FN 1
+    assert roads["jaccard"] == pytest.approx(100 * (0.5 + 0 + 1) / 3)  # empty vs empty = 1
+    assert roads["exact_match"] == pytest.approx(100 / 3)
+    assert buildings["hamming_loss"] == pytest.approx(9 / 27)
     assert buildings["precision"] == 0.0 and buildings["recall"] == 0.0
     assert buildings["jaccard"] == pytest.approx(200 / 3)
+
+
+def test_unparsed_localization_is_never_right():
+    scores = score_task("localization", ["I cannot tell"], ["roads [] buildings []"])
+    assert scores["roads"]["exact_match"] == 0.0 and scores["roads"]["jaccard"] == 0.0
+    assert scores["buildings"]["hamming_loss"] == 1.0
 
 
 def test_score_task_parses_reference_answers():

@@ -13,6 +13,11 @@ from processing.conversation import GRID_CELLS
     "Yes", "yes", "Yes.", "yes, they have changed", "YES the images changed", "Changes have occurred.",
     "the two images are different", "a new road was built in the north", "there are some changes",
     "changed", "the buildings were demolished",
+    # one category denied, the other reported: something changed
+    "the roads have not changed, but new buildings were built",
+    "There are no changes to the roads, but several houses appeared",
+    "there are no changes except a new building",
+    "Have the images changed? Yes, a road was built", "Ｙｅｓ",
 ])
 def test_binary_changed(text):
     assert parse_binary(text) is True
@@ -23,6 +28,7 @@ def test_binary_changed(text):
     "The two scenes seem identical.", "the scene is the same as before", "almost nothing has changed",
     "they haven't changed", "nothing has changed", "the images are not different", "unchanged",
     "no obvious changes can be seen", "the images did not really change at all", "none",
+    "Changes? No.", "no roads or buildings were built", "no new buildings were constructed",
 ])
 def test_binary_unchanged(text):
     assert parse_binary(text) is False
@@ -52,12 +58,21 @@ def test_binary_unparsed(text):
     ("known: 4 roads, 5 buildings", (4, 5)),  # nor inside "known"
     ("nothing has changed", (0, 0)),
     ("Twenty buildings and eleven roads", (11, 20)),
+    ("2 roads have changed, and twenty-one buildings have changed.", (2, 21)),
+    ("There are twenty-five new buildings", (0, 25)),
+    ("There are 1,024 new buildings", (0, 1024)),
+    ("a couple of buildings", (0, 2)),
+    # nouns not joined by a conjunction do not share a quantity; a noun bare on its side looks at the other one
+    ("no new roads, new buildings: 3", (0, 3)),
+    ("2 roads changed, buildings unchanged", (2, 0)),
+    ("roads: 2, 3 buildings", (2, 3)),
 ])
 def test_count(text, expected):
     assert parse_count(text) == {"roads": expected[0], "buildings": expected[1]}
 
 
-@pytest.mark.parametrize("text", ["another building", "many roads and some buildings", "", "a city", "north"])
+@pytest.mark.parametrize("text", ["another building", "many roads and some buildings", "", "a city", "north",
+                                  "no roads changed but buildings changed"])
 def test_count_unparsed(text):
     assert parse_count(text) is None
 
@@ -79,6 +94,11 @@ def loc(roads=(), buildings=()):
     ("roads on the left, buildings in the middle", loc(["center-left"], ["center-center"])),
     ("no change", loc()),
     ("Roads ['Top-Left'] Buildings ['Bottom-Center']", loc(["top-left"], ["bottom-center"])),
+    # "new"/"changed" alone between two categories do not join them: the cells stay with their own category
+    ("no new roads, new buildings at the top left", loc([], ["top-left"])),
+    ("no roads changed, buildings changed at the bottom right", loc([], ["bottom-right"])),
+    ("roads [] new buildings ['top-left']", loc([], ["top-left"])),
+    ("new roads and new buildings at the top", loc(["top-center"], ["top-center"])),
 ])
 def test_localization(text, expected):
     assert parse_localization(text) == expected
