@@ -11,7 +11,8 @@ reuses its `pair_embeds`; only the instruction-aware Q-Former and the language m
 Prediction file: JSONL, one object per model call, appended and fsync'ed per batch so a killed run
 loses at most the batch in flight:
 
-    {"id", "task", "turn" (1-based), "question", "prompt", "prediction", "references", ["changed"]}
+    {"id", "task", "turn" (1-based), "turns" (the record's number of turns), "question", "prompt", "prediction",
+     "references", ["changed"]}
 
 references: caption -> every reference caption; other single-turn tasks -> [the answer]; a dialogue
 turn -> [that turn's answer]. changed: the pair's changeflag, where the data has one.
@@ -189,6 +190,7 @@ def prediction_line(record: dict, turn: int, prompt: str, prediction: str) -> di
         "id": record["id"],
         "task": record["task"],
         "turn": turn + 1,
+        "turns": len(record["questions"]),  # lets a reader tell a finished record from an interrupted one
         "question": record["questions"][turn],
         "prompt": prompt,
         "prediction": prediction,

@@ -349,9 +349,11 @@ def score_dialogues(dialogues: list[dict], protocol: str = "standard", meteor: b
     dialogue, turns in order. Each turn is scored with the metric of the task its question asks
     for (`task_of_question`; unrecognised questions are open QA). Returns {"num_dialogues",
     "turns": {"1": {task: scores}, "2": ...}, "final_turn": caption scores of every dialogue's last
-    answer against its last reference}.
+    answer against its last reference, "num_unparsed_references": binary / count / localization turns whose
+    reference answer cannot be parsed, left out of their turn's scores}.
     """
     groups: dict[tuple[int, str], tuple[list, list]] = {}
+    unparsed_references = 0
     for n, dialogue in enumerate(dialogues):
         questions, predictions, references = dialogue["questions"], dialogue["predictions"], dialogue["references"]
         if not (len(questions) == len(predictions) == len(references)) or not questions:
@@ -360,7 +362,11 @@ def score_dialogues(dialogues: list[dict], protocol: str = "standard", meteor: b
                 f"{len(references)} references; expected the same non-zero number"
             )
         for turn, (question, prediction, reference) in enumerate(zip(questions, predictions, references), start=1):
-            preds, refs = groups.setdefault((turn, task_of_question(question)), ([], []))
+            task = task_of_question(question)
+            if task in _PARSERS and parse_answer(task, reference) is None:
+                unparsed_references += 1  # as for single-turn records: left out of its turn's scores, counted
+                continue
+            preds, refs = groups.setdefault((turn, task), ([], []))
             preds.append(prediction)
             refs.append(reference)
     turns: dict[str, dict] = {}
@@ -373,7 +379,8 @@ def score_dialogues(dialogues: list[dict], protocol: str = "standard", meteor: b
         protocol=protocol,
         meteor=meteor,
     )
-    return {"num_dialogues": len(dialogues), "turns": turns, "final_turn": final}
+    return {"num_dialogues": len(dialogues), "num_unparsed_references": unparsed_references, "turns": turns,
+            "final_turn": final}
 
 
 __all__ = [

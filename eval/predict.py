@@ -39,6 +39,9 @@ TASKS = {
     "count": TASK_PROMPTS["count"],
     "localize": TASK_PROMPTS["localization"],
 }
+# The other names the project uses for a task (`deltavlm eval`, ChangeChat file names) are the same task here,
+# not a free prompt that happens to be one word.
+TASK_NAME_ALIASES = {"localization": "localize", "loc": "localize", "captioning": "caption"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 UNSAFE_WEIGHTS = ("its weights file holds pickled Python objects other than tensors and is refused (loading it could "
                   "run code); use a folder saved with safetensors")
@@ -96,7 +99,8 @@ def task_prompt(task: str) -> str:
     text = task.strip()
     if not text:
         raise PredictError("--task is empty: give a task name or a question")
-    return TASKS.get(text.lower(), text)
+    name = text.lower()
+    return TASKS.get(TASK_NAME_ALIASES.get(name, name), text)
 
 
 def task_name(prompt: str) -> str:

@@ -40,7 +40,7 @@ from accelerate import PartialState
 from accelerate.utils import is_mps_available, is_xpu_available, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from processing.changechat_data import TASKS, load_records, missing_images
+from processing.changechat_data import FILE_SUFFIX_TASKS, TASKS, load_records, missing_images
 
 from eval.generation import (
     PROMPT_FORMATS,
@@ -55,17 +55,6 @@ from eval.generation import (
 from eval.metrics import PROTOCOLS
 from eval.score import Prediction, Reference, markdown_report, score_pairs
 
-# Last part of a file name -> task ("changechat_105k_test_loc.json" -> localization).
-FILE_SUFFIX_TASKS = {
-    "caption": "caption",
-    "binary": "binary",
-    "count": "count",
-    "loc": "localization",
-    "localization": "localization",
-    "open": "open",
-    "dialog": "dialogue",
-    "dialogue": "dialogue",
-}
 PREDICTIONS = "predictions.jsonl"
 MISSING_SHOWN = 10
 

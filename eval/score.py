@@ -14,19 +14,23 @@ Prediction files (JSON list / JSON object / JSONL, one record per line):
   binary/count/localization/open: [the reference answer]; dialogue: the per-turn reference
   answers), "questions": [str] (dialogue only), "changed": bool (captions, optional)}.
 A record's references are used when --references is not given. Of records with the same id only
-the first is kept (the CCExpert file repeats 7 uids); the duplicates are counted.
+the first is kept (the CCExpert file repeats 7 uids); the duplicates are counted. "task" may also be
+written "localize"/"loc", "dialog", or "free" (`deltavlm predict`: the reference decides). Per-turn lines
+(`deltavlm eval`: "turn", and "turns" = the record's number of turns) are regrouped: a dialogue's turns into
+one record, any other task's record to its last turn; a record with turns missing is left out and counted.
 
 Reference files: LEVIR-CC `LevirCCcaptions.json` ({"images": [...]}, only --split, default test,
-is used), a ChangeChat caption file ([{image_A, image_B, captions, changeflag}]) or a ChangeChat
-instruction file ([{"id", "image": [A, B], "conversations": [...]}]; one round = the task its
-question asks for, several rounds = a dialogue).
+is used), a ChangeChat caption file ([{image_A, image_B, captions, changeflag, optional id}]) or a
+ChangeChat instruction file ([{"id", "image": [A, B], "conversations": [...]}]; the task its file name
+ends in, `_binary` etc., else one round = the task its question asks for, several rounds = a dialogue).
 
 Id matching: every reference registers a few aliases and a prediction matches the first alias its
 id equals, as written, as a file name without folders, or without its extension. LEVIR-CC pair:
 `Levir_CC_<split>_img<imgid>`, the file name `test_000123.png` / `test_000123`, and the imgid
 ("8148"; a bare number is the imgid, never the file number). ChangeChat caption pair: image_A's
-path, file name and stem. ChangeChat instruction item: its "id". Unmatched ids on either side are
-counted and reported; the intersection is scored, and an empty intersection is an error.
+path, file name and stem, and its "id" where it has one. ChangeChat instruction item: its "id". A
+prediction that names its task matches a reference of that task (ids repeat across tasks). Unmatched ids
+on either side are counted and reported; the intersection is scored, and an empty intersection is an error.
 """
 
 import argparse
@@ -35,6 +39,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from processing.changechat_data import task_from_file_name
 from processing.conversation import conversation_to_rounds
 
 from eval.metrics import (
@@ -58,6 +63,9 @@ IMAGE_ID_KEYS = ("image_A", "image")  # used only when no ID_KEYS field is there
 TEXT_KEYS = ("prediction", "pred", "caption", "answer", "text", "generated")
 REFERENCE_KEYS = ("references", "change_caption", "reference", "captions")
 LIST_KEYS = ("predictions", "results", "annotations", "data")  # JSON objects that wrap the record list
+# Other names of the tasks in prediction files: `deltavlm predict` writes "localize" and "free" (a free prompt: the
+# reference says what it is), ChangeChat file names "loc" and "dialog".
+TASK_ALIASES = {"localize": "localization", "loc": "localization", "dialog": "dialogue", "free": None}
 EXAMPLES_SHOWN = 5
 
 
@@ -100,7 +108,7 @@ def read_records(path: str | Path, what: str = "file") -> list | dict:
     read line by line (blank lines skipped). Raises ScoreError naming the line of a syntax error."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not an error
     except OSError as error:
         raise ScoreError(f"cannot read {what} {path}: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
@@ -135,12 +143,14 @@ def id_aliases(value) -> list[str]:
     return list(dict.fromkeys([text, name, stem]))
 
 
-def load_predictions(path: str | Path) -> tuple[list[Prediction], int]:
-    """Prediction records of a file -> (predictions with unique ids, number of duplicates dropped)."""
+def load_predictions(path: str | Path) -> tuple[list[Prediction], int, list[str]]:
+    """Prediction records of a file -> (predictions with unique ids, number of duplicates dropped, ids of
+    records whose per-turn lines are incomplete and left out)."""
     data = read_records(path, "prediction file")
-    records = _merge_turn_lines(_record_list(data))
+    records, incomplete = _merge_turn_lines(_record_list(data))
     if not records:
-        raise ScoreError(f"prediction file {path} holds no predictions")
+        raise ScoreError(f"prediction file {path} holds no complete predictions"
+                         + (f" ({len(incomplete)} with turns missing, e.g. {incomplete[0]!r})" if incomplete else ""))
     predictions, seen, duplicates = [], set(), 0
     for number, record in enumerate(records, start=1):
         prediction = _prediction_from_record(record, number, path)
@@ -150,14 +160,17 @@ def load_predictions(path: str | Path) -> tuple[list[Prediction], int]:
             continue
         seen.add(key)
         predictions.append(prediction)
-    return predictions, duplicates
+    return predictions, duplicates, incomplete
 
 
-def _merge_turn_lines(records: list) -> list:
-    """`deltavlm eval` writes one line per model call (`turn` 1, 2, ...); a dialogue's turns become one record
-    with a list of predictions, per-turn references and questions, in turn order. Other records pass through."""
+def _merge_turn_lines(records: list) -> tuple[list, list[str]]:
+    """`deltavlm eval` writes one line per model call (`turn` 1, 2, ...). A dialogue's turns become one record
+    with a list of predictions, per-turn references and questions, in turn order; any other task is scored on
+    its last turn, as `deltavlm eval` scores it. Records whose turns are not all there (a line's `turns` gives
+    their number; without it, a gap in 1..last) are left out: scoring an interrupted run's last line as the
+    final turn would score the wrong answer. Returns (records, ids of the incomplete ones)."""
     if not any(isinstance(record, dict) and "turn" in record for record in records):
-        return records
+        return records, []
     groups: dict[tuple, list] = {}
     for record in records:
         if not isinstance(record, dict) or "turn" not in record:
@@ -167,24 +180,45 @@ def _merge_turn_lines(records: list) -> list:
             raise ScoreError(f"prediction record {record.get('id', '(no id)')!r}: a per-turn line needs an 'id' and "
                              f"an integer 'turn', got turn {record['turn']!r}")
         groups.setdefault((record.get("task"), str(record.get("id"))), []).append(record)
-    merged = []
+    merged, incomplete = [], []
     for turns in groups.values():
         first = turns[0]
-        if not isinstance(first, dict) or first.get("task") != "dialogue":
+        if "turn" not in first:
             merged.extend(turns)
             continue
         by_turn = {}
         for line in turns:
             by_turn.setdefault(int(line["turn"]), line)  # a resumed run may repeat a turn: keep the first
+        expected = first.get("turns")
+        last = expected if isinstance(expected, int) and not isinstance(expected, bool) else max(by_turn)
+        if sorted(by_turn) != list(range(1, last + 1)):
+            incomplete.append(str(first["id"]))
+            continue
         ordered = [by_turn[number] for number in sorted(by_turn)]
+        if TASK_ALIASES.get(first.get("task"), first.get("task")) != "dialogue":
+            merged.append(ordered[-1])
+            continue
         merged.append({
             "id": first["id"],
             "task": "dialogue",
             "prediction": [line.get("prediction", "") for line in ordered],
-            "references": [(line.get("references") or [""])[0] for line in ordered],
+            "references": [_turn_reference(line) for line in ordered],
             "questions": [line.get("question", "") for line in ordered],
         })
-    return merged
+    return merged, incomplete
+
+
+def _turn_reference(line: dict) -> str:
+    """A per-turn line's reference answer: `references` holds [the answer] (or the answer as a string)."""
+    references = line.get("references")
+    if isinstance(references, str):
+        return references
+    if isinstance(references, list) and references and isinstance(references[0], str):
+        return references[0]
+    if references in (None, []):
+        return ""
+    raise ScoreError(f"prediction record {line.get('id')!r} turn {line.get('turn')}: 'references' must be a string "
+                     f"or a list of strings, got {references!r}")
 
 
 def _record_list(data) -> list:
@@ -230,30 +264,45 @@ def _prediction_from_record(record, number: int, path) -> Prediction:
     if references is not None and not (isinstance(references, list) and all(isinstance(r, str) for r in references)):
         raise ScoreError(f"{where}: {ref_key!r} must be a string or a list of strings, got {references!r}")
     task = record.get("task")
+    task = TASK_ALIASES.get(task, task) if isinstance(task, str) else task
     if task is not None and task not in TASKS:
-        raise ScoreError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        raise ScoreError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)} (or "
+                         f"{', '.join(name for name in TASK_ALIASES)})")
+    questions = record.get("questions")
+    if questions is not None and not (isinstance(questions, list) and all(isinstance(q, str) for q in questions)):
+        raise ScoreError(f"{where}: 'questions' must be a list of strings, got {questions!r}")
     changed = record.get("changed", record.get("changeflag"))
     if changed is not None and changed not in (True, False, 0, 1, -1):
         raise ScoreError(f"{where}: 'changed' must be true/false (or a changeflag 0/1), got {changed!r}")
     changed = None if changed == -1 else changed
     return Prediction(
         id=str(record_id),
-        text=record[text_key] if isinstance(record[text_key], list) else str(record[text_key] or ""),
+        # JSON false is the answer "False" (read as "no"), not an empty one; null is empty
+        text=record[text_key] if isinstance(record[text_key], list) else ("" if record[text_key] is None
+                                                                          else str(record[text_key])),
         task=task,
         references=references,
-        questions=record.get("questions"),
+        questions=questions,
         changed=None if changed is None else bool(changed),
     )
 
 
-def load_references(path: str | Path, split: str = "test") -> list[Reference]:
-    """A LEVIR-CC, ChangeChat caption or ChangeChat instruction file -> references (schema by content)."""
+def load_references(path: str | Path, split: str = "test", task: str | None = None) -> list[Reference]:
+    """A LEVIR-CC, ChangeChat caption or ChangeChat instruction file -> references (schema by content).
+
+    An instruction file's records take their task from the file name, as `deltavlm eval` reads them
+    (`..._binary.json`: every record is a binary question, however it is worded), else from their questions
+    (one round: the task its question asks for, "open" when it is none of the fixed prompts; several rounds:
+    a dialogue). With `task` (--task) and a file none of whose one-round questions is a fixed prompt, those
+    records are questions of that task: "Have these two images changed? Answer yes or no." is a binary
+    question when --task binary says so. Where the file does use the fixed prompts, its other questions are
+    open questions and --task only picks which records are scored."""
     data = read_records(path, "reference file")
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return _levir_cc_references(data["images"], split, path)
     if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
         if "conversations" in data[0]:
-            return _instruction_references(data, path)
+            return _instruction_references(data, path, task_from_file_name(Path(path)), task)
         if "captions" in data[0]:
             return _caption_file_references(data, path)
     raise ScoreError(
@@ -297,24 +346,43 @@ def _levir_cc_references(images: list, split: str, path) -> list[Reference]:
 
 
 def _caption_file_references(items: list, path) -> list[Reference]:
+    """A pair is matched by its `id` (or `image_id`) where the file gives one, as `deltavlm eval` names it,
+    and by image_A's path, file name and stem."""
     references = []
     for number, item in enumerate(items, start=1):
         image_a = str(item.get("image_A", ""))
         aliases = id_aliases(image_a)
+        own_id = item.get("id", item.get("image_id"))
+        if own_id is not None:
+            if isinstance(own_id, (list, dict, bool)):
+                raise _malformed(path, number, TypeError(f"'id' must be a string or a number, got {own_id!r}"))
+            aliases = [str(own_id), *aliases]
         captions = item.get("captions")
-        if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
-            raise _malformed(path, number, TypeError(f"'captions' must be a list of strings, got {captions!r}"))
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise _malformed(path, number, TypeError(f"'captions' must be a non-empty list of strings, got {captions!r}"))
         references.append(Reference(
-            id=aliases[-1],
+            id=str(own_id) if own_id is not None else aliases[-1],
             task="caption",
             answers=list(captions),
-            changed=bool(item["changeflag"]) if "changeflag" in item else None,
-            aliases=tuple(aliases),
+            changed=_changeflag(item.get("changeflag"), path, number),
+            aliases=tuple(dict.fromkeys(aliases)),
         ))
     return references
 
 
-def _instruction_references(items: list, path) -> list[Reference]:
+def _changeflag(value, path, number: int) -> bool | None:
+    """A caption file's changeflag: 0/1 (or a bool) -> unchanged/changed; -1 or absent -> not given."""
+    if value is None or (value == -1 and not isinstance(value, bool)):
+        return None
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ScoreError(f"reference file {path} item {number}: 'changeflag' must be 0, 1 or -1 (unknown), got {value!r}")
+
+
+def _instruction_references(items: list, path, file_task: str | None = None,
+                            requested: str | None = None) -> list[Reference]:
+    """Instruction items -> references (see `load_references` for their task). A several-round record of a task
+    other than dialogue is scored on its last round's answer, as `deltavlm eval` scores it."""
     references = []
     for number, item in enumerate(items, start=1):
         if "id" not in item:
@@ -327,10 +395,17 @@ def _instruction_references(items: list, path) -> list[Reference]:
             raise ScoreError(f"reference file {path} item {number}: {error}") from None
         questions = [question for question, _ in rounds]
         answers = [answer for _, answer in rounds]
-        task = "dialogue" if len(rounds) > 1 else task_of_question(questions[0])
+        item_task = file_task or ("dialogue" if len(rounds) > 1 else task_of_question(questions[0]))
+        if item_task != "dialogue":
+            questions, answers = questions[-1:], answers[-1:]
         references.append(Reference(
-            id=str(item["id"]), task=task, answers=answers, questions=questions, aliases=(str(item["id"]),)
+            id=str(item["id"]), task=item_task, answers=answers, questions=questions, aliases=(str(item["id"]),)
         ))
+    single_round = [r for r in references if len(r.answers) == 1 and r.task != "dialogue"]
+    if not file_task and requested not in (None, "open", "dialogue") and single_round and all(
+            r.task == "open" for r in single_round):
+        for reference in single_round:  # worded in none of the fixed prompts: --task says what they ask
+            reference.task = requested
     return references
 
 
@@ -355,34 +430,62 @@ def inline_references(predictions: list[Prediction]) -> list[Reference]:
 def match(predictions: list[Prediction], references: list[Reference]) -> tuple[list, dict]:
     """Pair predictions with references by id (see the module docstring).
 
-    Returns ([(prediction, reference)] in reference order, report) where report counts
-    num_predictions, num_references, num_matched, num_missing (references without a prediction)
-    and num_extra (predictions without a reference), with a few example ids of each.
+    Ids are unique within a task, not across tasks (`deltavlm eval` numbers each task file's records from 1):
+    a prediction goes to a reference of its own task first. When the prediction file holds several tasks, a
+    prediction never goes to a reference of another task (binary "1" is not caption "1"); a file of one task
+    may still be scored against references that name their task differently. A second prediction for a
+    reference already taken is counted as a duplicate.
+
+    Returns ([(prediction, reference)] in reference order, report) where report counts num_predictions,
+    num_references, num_matched, num_missing (references without a prediction), num_extra (predictions
+    without a reference) and num_duplicate_matches, with a few example ids of each.
     """
-    by_alias: dict[str, Reference] = {}
-    for reference in references:
-        for alias in reference.aliases or (reference.id,):
-            by_alias.setdefault(alias, reference)  # first wins if two references share an alias
-    matched: dict[str, Prediction] = {}
-    extra = []
+    by_alias: dict[str, list[int]] = {}
+    for index, reference in enumerate(references):
+        for alias in dict.fromkeys(reference.aliases or (reference.id,)):
+            by_alias.setdefault(alias, []).append(index)
+    several_tasks = len({p.task for p in predictions if p.task is not None}) > 1
+    matched: dict[int, Prediction] = {}
+    extra, duplicates = [], 0
     for prediction in predictions:
-        reference = next((by_alias[a] for a in id_aliases(prediction.id) if a in by_alias), None)
-        if reference is None:
+        index = _reference_for(prediction, references, by_alias, matched, several_tasks)
+        if index is None:
             extra.append(prediction.id)
+        elif index in matched:
+            duplicates += 1
         else:
-            matched.setdefault(reference.id, prediction)
-    pairs = [(matched[r.id], r) for r in references if r.id in matched]
-    missing = [r.id for r in references if r.id not in matched]
+            matched[index] = prediction
+    pairs = [(matched[i], r) for i, r in enumerate(references) if i in matched]
+    missing = [r.id for i, r in enumerate(references) if i not in matched]
     report = {
         "num_predictions": len(predictions),
         "num_references": len(references),
         "num_matched": len(pairs),
         "num_missing": len(missing),
         "num_extra": len(extra),
+        "num_duplicate_matches": duplicates,
         "missing_examples": missing[:EXAMPLES_SHOWN],
         "extra_examples": extra[:EXAMPLES_SHOWN],
     }
     return pairs, report
+
+
+def _reference_for(prediction: Prediction, references: list[Reference], by_alias: dict, matched: dict,
+                   several_tasks: bool) -> int | None:
+    """Index of the reference a prediction goes to: its first id form that names one, a reference of its own
+    task before others, one not yet taken before one taken (that makes the prediction a duplicate)."""
+    for alias in id_aliases(prediction.id):
+        candidates = by_alias.get(alias, [])
+
+        def same_task(i):
+            return prediction.task is None or references[i].task in (None, prediction.task)
+
+        allowed = [i for i in candidates if same_task(i)]
+        if not several_tasks:
+            allowed += [i for i in candidates if not same_task(i)]
+        if allowed:
+            return next((i for i in allowed if i not in matched), allowed[0])
+    return None
 
 
 def score_pairs(pairs: list, task: str | None = None, protocol: str = "standard",
@@ -409,6 +512,8 @@ def score_pairs(pairs: list, task: str | None = None, protocol: str = "standard"
 
 
 def _score_group(task: str, group: list, protocol: str, meteor: bool) -> dict:
+    if task == "dialogue":
+        return _score_dialogue_group(group, protocol, meteor)
     texts = [_single_text(p, task) for p, _ in group] if task != "dialogue" else None
     if task == "caption":
         references = [r.answers for _, r in group]
@@ -418,8 +523,6 @@ def _score_group(task: str, group: list, protocol: str, meteor: bool) -> dict:
         return caption_scores_by_change(texts, references, changed, protocol=protocol, meteor=meteor)
     if task == "open":
         return caption_scores(texts, [r.answers[:1] for _, r in group], protocol=protocol, meteor=meteor)
-    if task == "dialogue":
-        return score_dialogues([_dialogue(p, r) for p, r in group], protocol=protocol, meteor=meteor)
     return _score_parsed_task(task, texts, [r.answers[0] for _, r in group])
 
 
@@ -441,10 +544,36 @@ def _single_text(prediction: Prediction, task: str) -> str:
     return prediction.text
 
 
-def _dialogue(prediction: Prediction, reference: Reference) -> dict:
+def _score_dialogue_group(group: list, protocol: str, meteor: bool) -> dict:
+    """Dialogues with one predicted answer per reference turn are scored; one with fewer (an interrupted run)
+    is left out and counted as num_incomplete; one with more, or without questions, is an error."""
+    dialogues, incomplete = [], []
+    for prediction, reference in group:
+        dialogue = _dialogue(prediction, reference)
+        if dialogue is None:
+            incomplete.append(prediction.id)
+        else:
+            dialogues.append(dialogue)
+    if incomplete:
+        print(f"deltavlm score: warning: {len(incomplete)} dialogue predictions have fewer turns than their "
+              f"references and are left out (e.g. {incomplete[0]!r})", file=sys.stderr)
+    if not dialogues:
+        raise ScoreError(f"no dialogue prediction has an answer for every turn ({len(incomplete)} incomplete)")
+    scores = score_dialogues(dialogues, protocol=protocol, meteor=meteor)
+    scores["num_incomplete"] = len(incomplete)
+    if scores.get("num_unparsed_references"):
+        print(f"deltavlm score: warning: {scores['num_unparsed_references']} dialogue turns have a reference "
+              "answer that cannot be parsed and are left out of their turn's scores", file=sys.stderr)
+    return scores
+
+
+def _dialogue(prediction: Prediction, reference: Reference) -> dict | None:
+    """One dialogue for `score_dialogues`, or None when the prediction stops before the last turn."""
     questions = reference.questions or prediction.questions
     answers = prediction.text if isinstance(prediction.text, list) else [prediction.text]
-    if not questions or len(answers) != len(reference.answers):
+    if len(answers) < len(reference.answers) and questions:
+        return None
+    if not questions or len(answers) != len(reference.answers) or len(questions) != len(answers):
         raise ScoreError(
             f"dialogue {prediction.id!r}: {len(answers)} predicted turns, {len(reference.answers)} reference turns, "
             f"{len(questions or [])} questions; a dialogue prediction must list one answer per turn"
@@ -537,16 +666,22 @@ def build_parser() -> argparse.ArgumentParser:
 def score_files(predictions_path, references_path=None, task=None, protocol="standard", split="test",
                 meteor=True) -> dict:
     """Everything `deltavlm score` does short of printing: returns the JSON-ready result."""
-    predictions, duplicates = load_predictions(predictions_path)
+    predictions, duplicates, incomplete = load_predictions(predictions_path)
+    if incomplete:
+        print(f"deltavlm score: warning: {len(incomplete)} records of the prediction file have turns missing and "
+              f"are left out (e.g. {incomplete[0]!r}); rerun `deltavlm eval` into the same folder to finish them",
+              file=sys.stderr)
     if references_path:
-        references = load_references(references_path, split)
+        references = load_references(references_path, split, task)
         pairs, report = match(predictions, references)
+        duplicates += report.pop("num_duplicate_matches")
     else:  # each record carries its own references: pair them directly (ids may repeat across tasks)
         references = inline_references(predictions)
         pairs = list(zip(predictions, references))
         report = {"num_predictions": len(pairs), "num_references": len(pairs), "num_matched": len(pairs),
                   "num_missing": 0, "num_extra": 0, "missing_examples": [], "extra_examples": []}
     report["num_duplicate_predictions"] = duplicates
+    report["num_incomplete_predictions"] = len(incomplete)
     if not pairs:
         raise ScoreError(
             f"no prediction id matches a reference id (predictions like {predictions[0].id!r}, "

@@ -39,7 +39,11 @@ RECORD_FEATURES = datasets.Features(
 )
 
 # File-name suffixes of the ChangeChat-105k test files (changechat_105k_test_binary.json, ...).
-_FILE_SUFFIX_TASKS = {"binary": "binary", "count": "count", "loc": "localization", "open": "open", "dialog": "dialogue"}
+# Last part of a file name -> task ("changechat_105k_test_loc.json" -> localization).
+FILE_SUFFIX_TASKS = {
+    "caption": "caption", "binary": "binary", "count": "count", "loc": "localization", "localization": "localization",
+    "open": "open", "dialog": "dialogue", "dialogue": "dialogue",
+}
 _NO_CHANGE_CAPTIONS = {
     "there is no difference",
     "the two scenes seem identical",
@@ -64,7 +68,7 @@ def load_changechat(annotation_file, image_root, task: str | None = None) -> dat
     from their questions (one round: that question's task; several rounds: "dialogue")."""
     annotation_file = Path(annotation_file)
     entries = _read_json_list(annotation_file)
-    file_task = task or _task_from_file_name(annotation_file)
+    file_task = task or task_from_file_name(annotation_file)
     return _records_from_entries(entries, Path(image_root), file_task, annotation_file.name)
 
 
@@ -170,9 +174,10 @@ def _squash(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
-def _task_from_file_name(path: Path) -> str | None:
-    suffix = path.stem.rsplit("_", 1)[-1].lower()
-    return _FILE_SUFFIX_TASKS.get(suffix)
+def task_from_file_name(path: Path) -> str | None:
+    """The task a ChangeChat file holds by its name's last part, or None (a mixed or caption file)."""
+    suffix = Path(path).stem.rsplit("_", 1)[-1].lower()
+    return FILE_SUFFIX_TASKS.get(suffix)
 
 
 def _changeflag(value, where: str) -> int:
@@ -192,7 +197,7 @@ def _read_json_list(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if isinstance(data, dict) and "annotations" in data:
@@ -265,6 +270,7 @@ def _to_dataset(records: list[dict]) -> datasets.Dataset:
 
 
 __all__ = [
+    "FILE_SUFFIX_TASKS",
     "RECORD_FEATURES",
     "TASKS",
     "is_unchanged_caption_set",
@@ -273,5 +279,6 @@ __all__ = [
     "load_records",
     "missing_images",
     "resolve_image",
+    "task_from_file_name",
     "task_of_question",
 ]

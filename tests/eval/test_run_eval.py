@@ -103,8 +103,8 @@ def test_all_tasks_end_to_end(full_run):
     lines = read_lines(full_run / "predictions.jsonl")
     assert len(lines) == _turns_expected()
     assert {tuple(sorted(line)) for line in lines} >= {
-        ("changed", "id", "prediction", "prompt", "question", "references", "task", "turn"),
-        ("id", "prediction", "prompt", "question", "references", "task", "turn"),
+        ("changed", "id", "prediction", "prompt", "question", "references", "task", "turn", "turns"),
+        ("id", "prediction", "prompt", "question", "references", "task", "turn", "turns"),
     }
     assert [line["task"] for line in lines[:6]] == ["caption"] * 6  # data order, task by task
     dialog = [line for line in lines if line["id"] == "train_000051_dialog"]

@@ -227,3 +227,155 @@ def test_missing_java_still_scores(tmp_path, capsys, monkeypatch):
     caption = json.loads(out.read_text())["tasks"]["caption"]["all"]
     assert code == 0 and caption["METEOR"] is None and caption["ROUGE-L"] == pytest.approx(100.0)
     assert "java" in caption["meteor_error"] and "java" in printed
+
+
+# --- prediction files other tools write, and files that disagree with the usual layout ---------------------------
+
+def score_json(argv, capsys, tmp_path):
+    out = tmp_path / "scores.json"
+    code, printed, err = run([*argv, "--no-meteor", "--out", str(out)], capsys)
+    assert code == 0, err
+    return json.loads(out.read_text()), err
+
+
+PARAPHRASED_BINARY = "Have these two images changed? Answer yes or no."
+
+
+def test_a_binary_file_is_binary_however_its_question_is_worded(tmp_path, capsys):
+    """The task of a ChangeChat file comes from its name, as `deltavlm eval` reads it; else --task says it."""
+    items = [{"id": str(i), "image": [f"A/{i}.png", f"B/{i}.png"],
+              "conversations": conversation((PARAPHRASED_BINARY, answer))} for i, answer in ((1, "Yes."), (2, "No."))]
+    predictions = write_json(tmp_path / "p.json", [{"id": "1", "answer": "yes"}, {"id": "2", "answer": "yes"}])
+    named = write_json(tmp_path / "mine_test_binary.json", items)
+    results, _ = score_json(["--predictions", predictions, "--references", named], capsys, tmp_path)
+    assert list(results["tasks"]) == ["binary"] and results["tasks"]["binary"]["accuracy"] == 50.0
+
+    unnamed = write_json(tmp_path / "questions.json", items)
+    results, _ = score_json(["--predictions", predictions, "--references", unnamed], capsys, tmp_path)
+    assert list(results["tasks"]) == ["open"]  # nothing says otherwise: an open question
+    results, _ = score_json(["--predictions", predictions, "--references", unnamed, "--task", "binary"],
+                            capsys, tmp_path)
+    assert results["tasks"]["binary"]["accuracy"] == 50.0
+
+
+def test_ids_repeat_across_tasks_but_match_within_one(tmp_path, capsys):
+    """`deltavlm eval` numbers each task's records from 1: binary "1" must not take caption "1"'s answer."""
+    predictions = write_jsonl(tmp_path / "eval.jsonl", [
+        {"id": "1", "task": "caption", "turn": 1, "prediction": "a road is built", "references": ["a road is built"]},
+        {"id": "1", "task": "binary", "turn": 1, "prediction": "yes", "references": ["Yes."]},
+    ])
+    references = write_json(tmp_path / "x_test_binary.json", [
+        {"id": "1", "image": ["A/1.png", "B/1.png"], "conversations": conversation((TASK_PROMPTS["binary"], "Yes."))}])
+    results, _ = score_json(["--predictions", predictions, "--references", references], capsys, tmp_path)
+    assert results["tasks"]["binary"]["accuracy"] == 100.0
+    assert results["matching"]["num_extra"] == 1 and results["matching"]["extra_examples"] == ["1"]
+
+
+def test_caption_file_pairs_are_matched_by_their_id_and_full_path(tmp_path, capsys):
+    references = write_json(tmp_path / "refs.json", [
+        {"id": "p1", "image_A": "val/A/0001.png", "image_B": "val/B/0001.png", "captions": ["a road is built"],
+         "changeflag": 1},
+        {"id": "p2", "image_A": "test/A/0001.png", "image_B": "test/B/0001.png", "captions": ["there is no difference"],
+         "changeflag": -1},  # -1: not given; the no-change captions then decide
+    ])
+    by_id = write_json(tmp_path / "by_id.json", {"p1": "a road is built", "p2": "there is no difference"})
+    results, _ = score_json(["--predictions", by_id, "--references", references], capsys, tmp_path)
+    caption = results["tasks"]["caption"]
+    assert caption["all"]["BLEU-4"] == pytest.approx(100.0, abs=1e-5) and results["matching"]["num_matched"] == 2
+    assert caption["unchanged"]["num_samples"] == 1
+
+    same_name = write_json(tmp_path / "by_path.json", {"test/A/0001.png": "there is no difference",
+                                                        "val/A/0001.png": "a road is built"})
+    results, _ = score_json(["--predictions", same_name, "--references", references], capsys, tmp_path)
+    assert results["tasks"]["caption"]["all"]["BLEU-4"] == pytest.approx(100.0, abs=1e-5)
+
+
+def test_an_unreadable_reference_turn_leaves_the_other_dialogues_scored(tmp_path, capsys):
+    questions = [TASK_PROMPTS["binary"], TASK_PROMPTS["count"], TASK_PROMPTS["dialogue_summary"]]
+    predictions = write_json(tmp_path / "p.json", [
+        {"id": "d1", "prediction": ["yes", "1 road and no buildings", "a road"], "questions": questions,
+         "references": ["Yes.", "1 road and 0 buildings", "a road"]},
+        {"id": "d2", "prediction": ["yes", "2 roads", "roads"], "questions": questions,
+         "references": ["Yes.", "some roads", "roads"]},  # "some roads" has no count
+    ])
+    results, err = score_json(["--predictions", predictions, "--task", "dialogue"], capsys, tmp_path)
+    dialogue = results["tasks"]["dialogue"]
+    assert dialogue["num_unparsed_references"] == 1 and dialogue["turns"]["2"]["count"]["num_samples"] == 1
+    assert dialogue["turns"]["1"]["binary"]["num_samples"] == 2 and "cannot be parsed" in err
+
+
+def test_an_interrupted_eval_run_scores_only_finished_records(tmp_path, capsys):
+    questions = [TASK_PROMPTS["binary"], TASK_PROMPTS["dialogue_summary"]]
+
+    def line(record_id, task, turn, prediction, reference, turns):
+        return {"id": record_id, "task": task, "turn": turn, "turns": turns, "question": questions[turn - 1],
+                "prediction": prediction, "references": [reference]}
+
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", [
+        line("1", "dialogue", 1, "yes", "Yes.", 2), line("1", "dialogue", 2, "a road", "a road", 2),
+        line("2", "dialogue", 1, "yes", "Yes.", 2),  # its closing turn was never generated
+        line("1", "open", 1, "a road", "a house", 2), line("1", "open", 2, "a road", "a road", 2),  # the last turn counts
+    ])
+    results, err = score_json(["--predictions", predictions], capsys, tmp_path)
+    assert results["tasks"]["dialogue"]["num_dialogues"] == 1
+    assert results["tasks"]["dialogue"]["final_turn"]["BLEU-1"] == pytest.approx(100.0, abs=1e-5)
+    assert results["tasks"]["open"]["BLEU-1"] == pytest.approx(100.0, abs=1e-5)
+    assert results["matching"]["num_incomplete_predictions"] == 1 and "turns missing" in err
+
+
+def test_eval_and_score_agree_on_a_several_round_record_of_a_single_task_file(tmp_path, capsys):
+    references = write_json(tmp_path / "x_test_open.json", [{"id": "1", "image": ["A/1.png", "B/1.png"],
+                            "conversations": conversation(("what is new?", "a house"), ("where?", "at the top"))}])
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", [
+        {"id": "1", "task": "open", "turn": 1, "turns": 2, "prediction": "a house", "references": ["a house"]},
+        {"id": "1", "task": "open", "turn": 2, "turns": 2, "prediction": "at the top", "references": ["at the top"]},
+    ])
+    inline, _ = score_json(["--predictions", predictions], capsys, tmp_path)
+    against_file, _ = score_json(["--predictions", predictions, "--references", references], capsys, tmp_path)
+    assert inline["tasks"]["open"]["BLEU-1"] == pytest.approx(100.0, abs=1e-5)
+    assert against_file["tasks"] == inline["tasks"]
+
+
+def test_deltavlm_predict_output_is_scored(tmp_path, capsys):
+    references = write_json(tmp_path / "x_test_loc.json", [{"id": "test_000001.png", "image": ["A/1.png", "B/1.png"],
+                            "conversations": conversation((TASK_PROMPTS["localization"], "roads ['top-left'] buildings []"))}])
+    predictions = write_jsonl(tmp_path / "answers.jsonl", [
+        {"id": "test_000001.png", "before": "A/1.png", "after": "B/1.png", "prompt": TASK_PROMPTS["localization"],
+         "task": "localize", "answer": "roads ['top-left'] buildings []"}])
+    results, _ = score_json(["--predictions", predictions, "--references", references], capsys, tmp_path)
+    assert results["tasks"]["localization"]["roads"]["exact_match"] == 100.0
+
+
+def test_odd_but_valid_prediction_files(tmp_path, capsys):
+    references = write_json(tmp_path / "x_test_binary.json", [
+        {"id": str(i), "image": [f"A/{i}.png", f"B/{i}.png"], "conversations": conversation((TASK_PROMPTS["binary"], a))}
+        for i, a in ((1, "Yes."), (2, "No."))])
+    booleans = write_json(tmp_path / "booleans.json", [{"id": "1", "answer": True}, {"id": "2", "answer": False}])
+    results, _ = score_json(["--predictions", booleans, "--references", references], capsys, tmp_path)
+    assert results["tasks"]["binary"]["accuracy"] == 100.0 and results["tasks"]["binary"]["num_unparsed"] == 0
+
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_text('{"id": "1", "answer": "yes"}\n{"id": "2", "answer": "no"}\n', encoding="utf-8-sig")
+    results, _ = score_json(["--predictions", str(with_bom), "--references", references], capsys, tmp_path)
+    assert results["tasks"]["binary"]["accuracy"] == 100.0
+
+    string_reference = write_jsonl(tmp_path / "turns.jsonl", [
+        {"id": "1", "task": "binary", "turn": 1, "prediction": "yes", "references": "Yes."}])
+    results, _ = score_json(["--predictions", string_reference], capsys, tmp_path)
+    assert results["tasks"]["binary"]["accuracy"] == 100.0
+
+
+def test_bad_fields_are_named(tmp_path, capsys):
+    bad_questions = write_json(tmp_path / "q.json", [{"id": "1", "prediction": ["yes"], "questions": [1],
+                                                       "references": ["Yes."]}])
+    code, _, err = run(["--predictions", bad_questions], capsys)
+    assert code == 2 and "'questions' must be a list of strings" in err and "record 1" in err
+
+    predictions = write_json(tmp_path / "p.json", {"0001": "a road"})
+    no_captions = write_json(tmp_path / "refs.json", [{"image_A": "A/0001.png", "image_B": "B/0001.png", "captions": []}])
+    code, _, err = run(["--predictions", predictions, "--references", no_captions], capsys)
+    assert code == 2 and "refs.json item 1" in err and "non-empty" in err
+    bad_flag = write_json(tmp_path / "flag.json", [{"image_A": "A/0001.png", "image_B": "B/0001.png",
+                                                    "captions": ["a road"], "changeflag": "yes"}])
+    code, _, err = run(["--predictions", predictions, "--references", bad_flag], capsys)
+    assert code == 2 and "'changeflag'" in err
