@@ -21,7 +21,7 @@ from processing.conversation import GRID_CELLS, task_of_question  # noqa: F401  
 from eval.parsers import CATEGORIES, parse_binary, parse_count, parse_localization
 
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-PROTOCOLS = ("standard", "authors")
+PROTOCOLS = ("standard", "authors", "coco")
 TASKS = ("caption", "binary", "count", "localization", "open", "dialogue")
 
 # LEVIR-CC gives every unchanged pair these five sentences (normalised with the standard protocol).
@@ -54,14 +54,45 @@ def normalize_caption(text: str, protocol: str = "standard", is_reference: bool 
     `<unk>` as it did there. Not reproduced: other out-of-vocabulary words also became `<unk>`
     (so two different rare words matched each other), and METEOR on ids did exact matching only
     (no stems, synonyms or paraphrases).
+    coco (coco-caption's own tokenization, which neither the published LEVIR-CC numbers nor the
+    authors used): the Stanford PTB tokenizer that pycocoevalcap bundles, lowercased, punctuation
+    tokens dropped ("road," -> "road", "building's" -> "building 's"); needs java. Scoring
+    tokenizes a whole corpus in one call (`ptb_tokenize`).
     """
     text = str(text)
+    if protocol == "coco":
+        return ptb_tokenize([text])[0]
     if protocol == "standard":
         return " ".join(text.lower().replace(".", " ").replace("?", " ").split())
     if protocol == "authors":
         text = text.replace(" .", "").strip() if is_reference else text.replace(".", "")
         return " ".join(UNKNOWN_TOKEN if (not t or any(c.isspace() for c in t)) else t for t in text.split(" "))
     raise ValueError(f"unknown caption protocol {protocol!r}; expected one of {PROTOCOLS}")
+
+
+def ptb_tokenize(texts: list[str]) -> list[str]:
+    """coco-caption's tokenization of each text: one run of the Stanford PTBTokenizer jar that pycocoevalcap
+    bundles (-preserveLines -lowerCase, fed on stdin: pycocoevalcap's own wrapper writes a temporary file
+    into its install folder, which fails where site-packages is read-only), then its punctuation tokens
+    dropped as pycocoevalcap drops them. Raises RuntimeError when java is missing or the jar fails."""
+    import subprocess
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    if not java_available():
+        raise RuntimeError("the coco protocol runs the Stanford PTB tokenizer and needs `java` on PATH "
+                           "(install a Java runtime, e.g. apt-get install default-jre-headless)")
+    if not texts:
+        return []
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    lines = "\n".join(" ".join(str(text).split()) for text in texts)  # one line per text, whatever it holds
+    done = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                           "-lowerCase"], input=lines.encode("utf-8"), capture_output=True, check=False)
+    output = done.stdout.decode("utf-8").split("\n")
+    if done.returncode != 0 or len(output) < len(texts):
+        raise RuntimeError(f"the PTB tokenizer failed (exit {done.returncode}): {done.stderr.decode()[-300:]}")
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(token for token in line.split() if token not in punctuation) for line in output[: len(texts)]]
 
 
 def is_no_change_caption_set(references: list[str]) -> bool:
@@ -123,8 +154,14 @@ def _caption_scores(predictions, references, protocol, meteor_score) -> dict:
         if isinstance(refs, str) or not refs:
             raise ValueError(f"references[{i}] must be a non-empty list of strings, got {refs!r}")
 
-    candidates = {i: [normalize_caption(p, protocol)] for i, p in enumerate(predictions)}
-    gold = {i: [normalize_caption(r, protocol, is_reference=True) for r in refs] for i, refs in enumerate(references)}
+    if protocol == "coco":  # one tokenizer run for the whole corpus
+        tokens = iter(ptb_tokenize([*predictions, *(r for refs in references for r in refs)]))
+        candidates = {i: [next(tokens)] for i in range(len(predictions))}
+        gold = {i: [next(tokens) for _ in refs] for i, refs in enumerate(references)}
+    else:
+        candidates = {i: [normalize_caption(p, protocol)] for i, p in enumerate(predictions)}
+        gold = {i: [normalize_caption(r, protocol, is_reference=True) for r in refs]
+                for i, refs in enumerate(references)}
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -398,6 +435,7 @@ __all__ = [
     "localization_metrics",
     "normalize_caption",
     "parse_answer",
+    "ptb_tokenize",
     "score_dialogues",
     "score_task",
     "task_of_question",

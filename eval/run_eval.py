@@ -4,7 +4,7 @@
                   [--image-root R] [--out DIR] [--batch-size 8] [--limit N] [--split test]
                   [--prompt-format deltavlm|plain] [--num-beams 5] [--max-new-tokens 256]
                   [--repetition-penalty 1.5] [--length-penalty 1] [--min-length 1] [--penalize-prompt]
-                  [--protocol standard|authors] [--no-meteor] [--dtype auto] [--overwrite]
+                  [--protocol standard|authors|coco] [--no-meteor] [--dtype auto] [--overwrite]
 
 D is one annotation file (a ChangeChat test file of any task, LEVIR-CC's LevirCCcaptions.json with
 --split, a Hub data set id) or a folder holding the ChangeChat per-task test files, recognised by the
@@ -52,7 +52,7 @@ from eval.generation import (
     read_lines,
     write_atomic,
 )
-from eval.metrics import PROTOCOLS
+from eval.metrics import PROTOCOLS, java_available
 from eval.score import Prediction, Reference, markdown_report, score_pairs
 
 PREDICTIONS = "predictions.jsonl"
@@ -422,6 +422,8 @@ def prepare_out_dir(out: Path, run_config: dict, overwrite: bool, state: Partial
 def evaluate(args, state: PartialState) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise EvalError("--batch-size and --limit must be positive")
+    if args.protocol == "coco" and not java_available():  # before generating, not after
+        raise EvalError("--protocol coco runs the Stanford PTB tokenizer and needs `java` on PATH")
     check_model_folder(args.model)
     settings = settings_from_args(args)
     image_root = resolve_image_root(args.data, args.image_root)

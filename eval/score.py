@@ -1,7 +1,7 @@
 """`deltavlm score`: score a prediction file against references, no model needed.
 
     deltavlm score --predictions P [--references R] [--task caption|binary|count|localization|open|dialogue]
-                   [--protocol standard|authors] [--split test] [--out metrics.json] [--no-meteor]
+                   [--protocol standard|authors|coco] [--split test] [--out metrics.json] [--no-meteor]
 
 Prediction files (JSON list / JSON object / JSONL, one record per line):
 - CCExpert layout: {"uid": "Levir_CC_test_img<imgid>", "pred": str, "change_caption": [refs]};
@@ -51,6 +51,7 @@ from eval.metrics import (
     caption_scores_by_change,
     count_metrics,
     is_no_change_caption_set,
+    java_available,
     localization_metrics,
     parse_answer,
     score_dialogues,
@@ -656,7 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the references inside the prediction records")
     parser.add_argument("--task", choices=TASKS, help="score every sample as this task (default: from the references)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="standard",
-                        help="caption normalisation: standard (DESIGN.md §5) or the authors' notebooks")
+                        help="caption normalisation: standard (DESIGN.md §5, the published numbers' protocol), "
+                        "the authors' notebooks, or coco (coco-caption's PTB tokenizer; needs java)")
     parser.add_argument("--split", default="test", help="LEVIR-CC split to score against (train|val|test|all)")
     parser.add_argument("--out", help="write the scores as JSON here")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs java and ~5 s to start)")
@@ -666,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
 def score_files(predictions_path, references_path=None, task=None, protocol="standard", split="test",
                 meteor=True) -> dict:
     """Everything `deltavlm score` does short of printing: returns the JSON-ready result."""
+    if protocol == "coco" and not java_available():
+        raise ScoreError("--protocol coco runs the Stanford PTB tokenizer and needs `java` on PATH "
+                         "(install a Java runtime, e.g. apt-get install default-jre-headless)")
     predictions, duplicates, incomplete = load_predictions(predictions_path)
     if incomplete:
         print(f"deltavlm score: warning: {len(incomplete)} records of the prediction file have turns missing and "

@@ -223,3 +223,11 @@ def test_ccexpert_reproduces_published_scores(shared_dir):
     assert scores["num_samples"] == 1929
     for metric, expected in CCEXPERT_EXPECTED.items():
         assert scores[metric] == pytest.approx(expected, abs=0.01), metric
+
+
+def test_ptb_tokenize_keeps_one_line_per_text():
+    from eval.metrics import ptb_tokenize
+
+    texts = ["A new road, built in the top-left.", "", "the building's roof\nis new", "..."]
+    assert ptb_tokenize(texts) == ["a new road built in the top-left", "", "the building 's roof is new", ""]
+    assert ptb_tokenize([]) == []

@@ -379,3 +379,26 @@ def test_bad_fields_are_named(tmp_path, capsys):
                                                     "captions": ["a road"], "changeflag": "yes"}])
     code, _, err = run(["--predictions", predictions, "--references", bad_flag], capsys)
     assert code == 2 and "'changeflag'" in err
+
+
+def test_coco_protocol_tokenizes_with_the_ptb_tokenizer(shared_dir, tmp_path, capsys):
+    """coco-caption's own tokenization: punctuation split off and dropped, where the standard protocol keeps
+    "road," as one token. On the CCExpert file (LEVIR-CC references carry no punctuation) both agree."""
+    predictions = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "1", "pred": "A road, built at the top.", "references": ["a road built at the top"]}])
+    standard, _ = score_json(["--predictions", predictions], capsys, tmp_path)
+    coco, _ = score_json(["--predictions", predictions, "--protocol", "coco"], capsys, tmp_path)
+    assert standard["tasks"]["caption"]["all"]["BLEU-4"] < 100.0
+    assert coco["tasks"]["caption"]["all"]["BLEU-4"] == pytest.approx(100.0, abs=1e-5)
+
+    results, _ = score_json(["--predictions", str(shared_dir / CCEXPERT), "--protocol", "coco"], capsys, tmp_path)
+    caption = results["tasks"]["caption"]["all"]
+    for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert caption[metric] == pytest.approx(CCEXPERT_EXPECTED[metric], abs=0.01), metric
+
+
+def test_coco_protocol_without_java_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    predictions = write_jsonl(tmp_path / "p.jsonl", [{"id": "1", "pred": "a road", "references": ["a road"]}])
+    code, _, err = run(["--predictions", predictions, "--protocol", "coco"], capsys)
+    assert code == 2 and "--protocol coco" in err and "java" in err

@@ -16,14 +16,15 @@ from eval.metrics import caption_scores
 _DESCRIPTION = """Corpus-level BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr-D (all ×100) computed with the
 coco-caption scorers of pycocoevalcap. protocol="standard" lowercases, replaces `.` and `?` by
 spaces and splits on whitespace (the protocol of the published LEVIR-CC numbers); "authors"
-follows the DeltaVLM authors' notebooks. METEOR needs `java`; without it METEOR is None and
+follows the DeltaVLM authors' notebooks; "coco" tokenizes with coco-caption's PTB tokenizer (needs
+`java`). METEOR needs `java`; without it METEOR is None and
 `meteor_error` says why."""
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions: list of str, one caption per image pair.
     references: list of list of str, the reference captions of each pair.
-    protocol: "standard" (default) or "authors".
+    protocol: "standard" (default), "authors" or "coco".
     meteor: bool, False skips METEOR (it starts a JVM).
 Returns:
     dict with num_samples, BLEU-1, BLEU-2, BLEU-3, BLEU-4, METEOR, ROUGE-L, CIDEr (and meteor_error).
