@@ -18,7 +18,14 @@ from transformers import AddedToken
 from transformers.image_processing_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .conversation import MAX_PROMPT_WORDS, format_dialogue_prompt, messages_to_rounds, normalize_text
+from .conversation import (
+    IMAGE_PLACEHOLDER,
+    MAX_PROMPT_WORDS,
+    format_dialogue_prompt,
+    messages_to_rounds,
+    normalize_text,
+    strip_image_placeholders,
+)
 
 # Renders a conversation the way the released checkpoint saw it (authors' dataset.py + LAVIS blip_caption):
 # "q: Q1 a: A1  q: Q2" -> lowercase, `. ! " ( ) * # : ; ~` removed, whitespace collapsed, last 50 words kept.
@@ -45,7 +52,7 @@ DELTAVLM_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_PLACEHOLDER  # the text placeholder is also the added token whose id marks the query positions
 
 
 class DeltaVLMProcessor(ProcessorMixin):
@@ -53,8 +60,10 @@ class DeltaVLMProcessor(ProcessorMixin):
     Holds the [`DeltaVLMImageProcessor`], the language model's tokenizer and the Q-Former's (BERT) tokenizer.
 
     Call it with `images=[(before, after), ...]` and `text=[prompt, ...]` (one prompt per pair) for generation,
-    and add `answers=[...]` for training (labels are returned). Prompts are used as given: render conversations
-    first with `apply_chat_template`.
+    and add `answers=[...]` for training (labels are returned). Prompts are used as given, except that `<image>`
+    placeholders (ChangeChat questions start with `<image> <image>`) are removed from prompts and answers, as
+    `apply_chat_template` does: the processor places the image tokens itself. Render conversations first with
+    `apply_chat_template`.
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class DeltaVLMProcessor(ProcessorMixin):
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("text must be a string or a non-empty list of strings")
+        prompts = _without_image_placeholders(prompts)
         encoding = {}
         if images is not None:
             encoding.update(self.image_processor(images, **kwargs))
@@ -133,6 +143,7 @@ class DeltaVLMProcessor(ProcessorMixin):
             targets = [answers] if isinstance(answers, str) else list(answers)
             if len(targets) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(targets)} answers: give one answer per prompt")
+            targets = _without_image_placeholders(targets)
             encoding.update(self._encode_for_training(prompts, targets))
         encoding.update(self._encode_qformer(prompts))
         return BatchFeature(encoding)
@@ -290,6 +301,15 @@ class DeltaVLMProcessor(ProcessorMixin):
 
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs):
         return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+
+def _without_image_placeholders(texts: list[str]) -> list[str]:
+    """`texts` with every `<image>` removed, as the chat template removes it. Tokenized, a placeholder would become
+    the image-token id: one more image token than the model has queries to write there (the forward refuses the
+    row), an image id among the labels, and the literal text for the Q-Former. Texts without one stay unchanged."""
+    return [
+        strip_image_placeholders(text) if isinstance(text, str) and IMAGE_PLACEHOLDER in text else text for text in texts
+    ]
 
 
 __all__ = ["DeltaVLMProcessor"]

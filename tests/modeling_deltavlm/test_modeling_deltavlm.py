@@ -74,6 +74,14 @@ def test_left_padded_batch_equals_single_samples(tiny_model, tiny_processor, sam
         assert torch.equal(batched[index, width : width + len(new_tokens)], new_tokens)
 
 
+def test_prompt_with_image_placeholders_generates_as_without(tiny_model, tiny_processor, sample_pairs):
+    # ChangeChat questions start with "<image> <image>": the processor drops it (the model used to refuse the row)
+    question = "Please briefly describe the changes in these two images."
+    plain = tiny_processor(images=sample_pairs[:1], text=[question])
+    placeholder = tiny_processor(images=sample_pairs[:1], text=["<image> <image> " + question])
+    assert torch.equal(_greedy(tiny_model, placeholder), _greedy(tiny_model, plain))
+
+
 def test_cache_and_no_cache_and_cached_vision_agree(tiny_model, batch):
     with_cache = _greedy(tiny_model, batch)
     assert torch.equal(with_cache, _greedy(tiny_model, batch, use_cache=False))

@@ -177,3 +177,21 @@ def test_llm_prompt_prefix_and_suffix_wrap_the_language_model_side_only(tiny_pro
     assert torch.equal(generation["input_ids"], tiny_processor(images=sample_pairs[:1], text=["user q describe answer"])["input_ids"])
     wrapped.save_pretrained(tmp_path)
     assert DeltaVLMProcessor.from_pretrained(tmp_path).llm_prompt_suffix == " answer"
+
+
+@pytest.mark.parametrize(
+    "with_placeholder", ["<image> <image> Please describe the changes.", "<image>\nPlease describe the changes."]
+)
+def test_image_placeholders_in_prompts_and_answers_are_removed(tiny_processor, sample_pairs, with_placeholder):
+    # ChangeChat questions carry the placeholder; tokenized, it would be one more image-token id per occurrence
+    plain = tiny_processor(images=sample_pairs[:1], text=["Please describe the changes."])
+    inputs = tiny_processor(images=sample_pairs[:1], text=[with_placeholder])
+    assert (inputs["input_ids"] == tiny_processor.image_token_id).sum() == tiny_processor.num_query_tokens
+    for key in plain:
+        assert torch.equal(inputs[key], plain[key]), key  # qformer_input_ids too: the Q-Former never sees it
+    plain = tiny_processor(images=sample_pairs[:1], text=["q describe"], answers=["a road"])
+    inputs = tiny_processor(images=sample_pairs[:1], text=[with_placeholder.replace("Please describe the changes.", "q describe")],
+                            answers=["<image> a road"])
+    assert not (inputs["labels"] == tiny_processor.image_token_id).any()
+    for key in plain:
+        assert torch.equal(inputs[key], plain[key]), key
