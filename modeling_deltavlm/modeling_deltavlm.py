@@ -28,7 +28,7 @@ from transformers.models.instructblip.modeling_instructblip import (
     InstructBlipQFormerModel,
     InstructBlipVisionModel,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_deltavlm import DeltaVLMConfig
 
@@ -372,6 +372,9 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
 
     # --- language model ---
 
+    # `return_dict` is taken here (argument, else config.return_dict) and never reaches **kwargs: the language model
+    # is always asked for its output object, whose fields forward reads.
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -407,6 +410,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             and no (batch_size, T, V) logits are held. Language models that transform their logits (soft-capping,
             scaling) get the LM head on the K labelled columns instead, `logits` `(batch_size, K, V)`. Pass
             `logits_to_keep=T` (or use eval mode) for all T columns.
+        return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+            False returns `DeltaVLMCausalLMOutput.to_tuple()` (its non-None fields, in order) instead of the object.
         """
         image_features = None
         if pixel_values is not None or pair_embeds is not None:
@@ -442,6 +447,7 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             cache=cache,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
         loss = None
@@ -486,7 +492,7 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.language_model.base_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            **kwargs,
+            return_dict=True, **kwargs,
         )
         shift_labels = labels[:, 1:]
         labelled = shift_labels != -100  # (B, T-1)

@@ -33,6 +33,35 @@ def test_forward_shapes_and_loss(tiny_model, tiny_processor, sample_pairs):
     assert features.pooler_output.shape == (2, 4, 32)
 
 
+def test_return_dict_false_gives_tuples(tiny_model, tiny_processor, sample_pairs, batch):
+    # transformers' convention: return_dict=False (argument, else config.return_dict) -> output.to_tuple()
+    expected = tiny_model(**batch)
+    logits = tiny_model(**batch, return_dict=False)[0]
+    torch.testing.assert_close(logits, expected.logits, rtol=0, atol=0)
+    inputs = tiny_processor(images=sample_pairs[:2], text=["q describe", "q b"], answers=["a road", "yes"])
+    loss, logits = tiny_model(**inputs, return_dict=False)[:2]
+    torch.testing.assert_close(loss, tiny_model(**inputs).loss, rtol=0, atol=0)
+    tiny_model.train()  # labels in training mode take the chunked-loss path
+    try:
+        torch.manual_seed(0)  # the same dropout masks for both calls
+        training_loss = tiny_model(**inputs).loss
+        torch.manual_seed(0)
+        output = tiny_model(**inputs, return_dict=False)
+    finally:
+        tiny_model.eval()
+    assert isinstance(output, tuple)
+    torch.testing.assert_close(output[0], training_loss, rtol=0, atol=0)
+    # config.return_dict=False is honoured, and generate (which asks for return_dict=True) still works
+    tiny_model.config.return_dict = False
+    try:
+        output = tiny_model(**batch)
+        assert isinstance(output, tuple)
+        torch.testing.assert_close(output[0], expected.logits, rtol=0, atol=0)
+        assert torch.equal(tiny_model.generate(**batch, max_new_tokens=2), tiny_model.generate(**batch, max_new_tokens=2))
+    finally:
+        tiny_model.config.return_dict = True
+
+
 def test_difference_module_off_is_plain_concatenation(tiny_model, batch, make_tiny_config):
     model = DeltaVLMForConditionalGeneration(make_tiny_config(use_difference_module=False)).eval()
     model.load_state_dict(tiny_model.state_dict())
