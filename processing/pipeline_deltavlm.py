@@ -10,14 +10,21 @@ pipe({"before": "A.png", "after": "B.png", "prompt": "Please briefly describe th
 pipe({"before": a, "after": b, "messages": [{"role": "user", "content": "..."}, ...]})
 pipe(before=a, after=b, prompt="...")      # the same, as keyword arguments
 pipe([{...}, {...}])                        # a list of inputs -> a list of results
+pipe([{...}, {...}], batch_size=8)          # generated in batches: the same answers as one at a time
 ```
 
 Images are anything `DeltaVLMProcessor` takes (PIL images, arrays, tensors, paths). The conversation is rendered
 with the processor's chat template (`prompt_format="plain"` passes the last question verbatim).
 """
 
+import functools
+from collections.abc import Sized
+
+import torch
+from torch.utils.data import DataLoader
 from transformers import AutoModelForImageTextToText, GenerationConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 TASK = "bitemporal-image-text-to-text"
 
@@ -46,6 +53,22 @@ class BitemporalImageTextToTextPipeline(Pipeline):
         if inputs is None and "before" in kwargs:
             inputs = {key: kwargs.pop(key) for key in ("before", "after", "prompt", "messages") if key in kwargs}
         return super().__call__(inputs, **kwargs)
+
+    def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        """transformers' iterator with `collate_pairs` as the batch collate (batch_size > 1). The stock collate pads
+        input_ids on the right, after the prompt, so a shorter prompt's row would generate after [PAD] tokens."""
+        if batch_size == 1:
+            return super().get_iterator(
+                inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
+            )
+        if isinstance(inputs, Sized):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:  # a generator: one worker, as the stock iterator does
+            dataset, num_workers = PipelineIterator(inputs, self.preprocess, preprocess_params), min(num_workers, 1)
+        collate = functools.partial(collate_pairs, processor=self.processor)
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=collate)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
 
     def _sanitize_parameters(self, prompt_format=None, max_new_tokens=None, generate_kwargs=None, **kwargs):
         preprocess_params, forward_params = {}, {}
@@ -76,6 +99,43 @@ class BitemporalImageTextToTextPipeline(Pipeline):
         answer = self.processor.batch_decode(model_outputs["output_ids"])[0]
         messages = [*model_outputs["messages"], {"role": "assistant", "content": answer}]
         return {"generated_text": answer, "messages": messages}
+
+
+def collate_pairs(items: list[dict], processor) -> dict:
+    """Batch the `preprocess` outputs of single pairs into the layout `processor(images=pairs, text=prompts)` gives.
+
+    input_ids / attention_mask (1, T_i) -> (B, T): the Q image tokens stay in front and the text is left-padded after
+    them with the tokenizer's pad id, `[image x Q][pad ...][<s> prompt]`, so every prompt ends in the last column
+    where generation continues (generation from a right-padded row would follow [PAD] tokens). The Q-Former
+    sequences are right-padded (bidirectional: padding is masked, not generated after). pixel_values
+    (1, 2, C, H, W) -> (B, 2, C, H, W). Anything else (the conversations) becomes a list.
+    """
+    num_image_tokens = processor.num_query_tokens
+    batch = {
+        "input_ids": _pad([item["input_ids"] for item in items], processor.tokenizer.pad_token_id, num_image_tokens),
+        "attention_mask": _pad([item["attention_mask"] for item in items], 0, num_image_tokens),
+        "pixel_values": torch.cat([item["pixel_values"] for item in items]),
+    }
+    qformer_pad_id = processor.qformer_tokenizer.pad_token_id or 0
+    batch["qformer_input_ids"] = _pad([item["qformer_input_ids"] for item in items], qformer_pad_id, None)
+    batch["qformer_attention_mask"] = _pad([item["qformer_attention_mask"] for item in items], 0, None)
+    for key in items[0].keys() - batch.keys():
+        batch[key] = [item[key] for item in items]
+    return batch
+
+
+def _pad(rows: list[torch.Tensor], value: int, left_after: int | None) -> torch.Tensor:
+    """(1, T_i) tensors -> (B, max T_i): padded on the left after the first `left_after` columns, or on the right
+    when `left_after` is None."""
+    width = max(row.shape[1] for row in rows)
+    padded = []
+    for row in rows:
+        padding = row.new_full((1, width - row.shape[1]), value)
+        if left_after is None:
+            padded.append(torch.cat([row, padding], dim=1))
+        else:
+            padded.append(torch.cat([row[:, :left_after], padding, row[:, left_after:]], dim=1))
+    return torch.cat(padded)
 
 
 def _unpack(inputs) -> tuple:
@@ -109,4 +169,4 @@ def register_pipeline() -> None:
     )
 
 
-__all__ = ["BitemporalImageTextToTextPipeline", "TASK", "register_pipeline"]
+__all__ = ["BitemporalImageTextToTextPipeline", "TASK", "collate_pairs", "register_pipeline"]

@@ -5,10 +5,11 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import modeling_deltavlm  # noqa: F401  (Auto-class registration)
-from processing.pipeline_deltavlm import TASK, BitemporalImageTextToTextPipeline, register_pipeline
+from processing.pipeline_deltavlm import TASK, BitemporalImageTextToTextPipeline, collate_pairs, register_pipeline
 
 GREEDY = dict(max_new_tokens=4, num_beams=1, do_sample=False)
 
@@ -97,3 +98,25 @@ def test_list_input_gives_one_result_per_item(pipe, pair, tmp_path):
 def test_bad_inputs_raise_clear_errors(pipe, inputs, message):
     with pytest.raises(ValueError, match=message):
         pipe(inputs)
+
+
+def test_batched_answers_equal_one_at_a_time(pipe, sample_pairs):
+    # prompts of different lengths: the stock collate right-padded input_ids, so the shorter row generated after [PAD]
+    prompts = ["What changed?", "Count the new buildings along the road please, and the roads", "Where?"]
+    inputs = [{"before": a, "after": b, "prompt": q} for (a, b), q in zip(sample_pairs, prompts)]
+    one_by_one = [result["generated_text"] for result in pipe(inputs, batch_size=1, **GREEDY)]
+    batched = pipe(inputs, batch_size=2, **GREEDY)  # a full batch, then a batch of one
+    assert [result["generated_text"] for result in batched] == one_by_one
+    assert [result["messages"][0]["content"] for result in batched] == prompts
+
+
+def test_collate_gives_the_processors_batch_layout(pipe, sample_pairs):
+    processor = pipe.processor
+    prompts = ["q what changed", "q count the new buildings along the road please"]
+    items = [pipe.preprocess({"before": a, "after": b, "prompt": q}, prompt_format="plain")
+             for (a, b), q in zip(sample_pairs, prompts)]
+    batch = collate_pairs(items, processor)
+    expected = processor(images=sample_pairs[:2], text=prompts)
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    assert batch["messages"] == [item["messages"] for item in items]
