@@ -274,7 +274,10 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         Returns a [`DeltaVLMVisionOutput`] whose `pair_embeds` `(batch_size, 2 * S, D)` can be passed
         to `forward`/`generate` instead of `pixel_values` to skip the vision side on later dialogue turns.
         """
-        _check_pixel_values(pixel_values)
+        image_size = self.config.vision_config.image_size
+        # InstructBLIP's vision config has no channel count: its patch convolution is built for 3
+        expected_shape = (self.vision_model.embeddings.patch_embedding.in_channels, image_size, image_size)
+        _check_pixel_values(pixel_values, expected_shape, interpolate_pos_encoding)
         batch_size = pixel_values.shape[0]
         # step 1: both images through the ViT as one batch of 2B images: (2B, S, D)
         images = pixel_values.flatten(0, 1).to(self.vision_model.embeddings.patch_embedding.weight.dtype)
@@ -682,12 +685,27 @@ def append_mean_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([weight, mean.expand(num_rows, -1)], dim=0)
 
 
-def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+def _check_pixel_values(
+    pixel_values: torch.Tensor, expected_shape: tuple[int, int, int], interpolate_pos_encoding: bool = False
+) -> None:
+    """Refuse, by a ValueError naming both shapes, pixel_values that are not (B, 2, C, H, W) pairs of images of
+    `expected_shape` (C, H, W): the ViT's input channels and `config.vision_config.image_size`. Otherwise a larger image fails deep in the ViT (position table of another length), a smaller one
+    runs on a silently sliced position table, and other channel counts fail inside the patch convolution. Typical
+    cause: an image processor whose `size` is not the model's `image_size`. With `interpolate_pos_encoding` the
+    position table is resized to the image, so only the channels must match."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(
             "pixel_values must have shape (batch_size, 2, num_channels, height, width) — a (before, after) pair "
             f"per sample — got {shape}"
+        )
+    expected = tuple(expected_shape)
+    given = tuple(pixel_values.shape[2:])
+    if given[0] != expected[0] or (not interpolate_pos_encoding and given != expected):
+        raise ValueError(
+            f"pixel_values images must be (num_channels, height, width) = {expected} for this model "
+            f"(config.vision_config), got {given} (pixel_values {tuple(pixel_values.shape)}): resize the images to "
+            f"{expected[1]}x{expected[2]} (the image processor's `size`) and give {expected[0]} channels"
         )
 
 

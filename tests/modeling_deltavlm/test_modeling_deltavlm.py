@@ -206,6 +206,20 @@ def test_bad_inputs_raise_clear_errors(tiny_model, batch):
         tiny_model(**{**batch, "qformer_input_ids": None})
 
 
+@pytest.mark.parametrize("image_shape", [(3, 224, 224), (3, 14, 14), (3, 20, 36), (1, 28, 28)])
+def test_pixel_values_of_another_size_or_channel_count_are_refused(tiny_model, batch, image_shape):
+    # the tiny model takes 3 x 28 x 28: larger images used to fail deep in the ViT, smaller ones ran on a sliced
+    # position table, 1 channel failed in the patch convolution
+    pixel_values = torch.randn(3, 2, *image_shape)
+    message = rf"\(num_channels, height, width\) = \(3, 28, 28\).*got \({', '.join(map(str, image_shape))}\)"
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**{**batch, "pixel_values": pixel_values})
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(**{**batch, "pixel_values": pixel_values}, max_new_tokens=2)
+    if image_shape[0] == 3 and min(image_shape[1:]) >= 14:  # a resized position table takes any size of 3 channels
+        assert tiny_model(**{**batch, "pixel_values": pixel_values}, interpolate_pos_encoding=True).logits is not None
+
+
 def test_save_load_round_trip_through_auto_classes(tmp_path, tiny_model, tiny_processor, batch, sample_pairs):
     tiny_model.save_pretrained(tmp_path)
     tiny_processor.save_pretrained(tmp_path)
