@@ -12,13 +12,21 @@ import torch
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, is_scaled_image
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # Images smaller than this are almost certainly a mistake (a thumbnail, an icon, a mask); LEVIR-CC tiles are 256.
 MIN_IMAGE_SIDE = 16
 # PIL modes whose conversion to RGB clips at 255 (16/32-bit integer, float): a 16-bit scene would come out white.
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _HIGH_BIT_DEPTH_HINT = "convert it to 8-bit RGB first (eval.imagery.read_image stretches 16-bit and multi-band imagery)"
+# transformers' image processors' warning (e.g. Emu3's) for the same mistake, worded alike so it is recognised
+RESCALED_IMAGES_WARNING = (
+    "It looks like you are trying to rescale already rescaled images. If the input images have pixel values between "
+    "0 and 1, set `do_rescale=False` to avoid rescaling them again."
+)
 
 
 def load_image(image):
@@ -84,6 +92,11 @@ class DeltaVLMImageProcessor(PilBackend):
     Processes (before, after) image pairs. Returns `pixel_values` of shape `(batch_size, 2, 3, height, width)`,
     index 0 along dim 1 the before image. Defaults reproduce the authors' eval transform (bicubic 224x224, CLIP
     normalisation); the same transform is applied to both images of a pair.
+
+    Arrays and tensors are taken as 0-255 values and divided by 255 (`do_rescale`), like PIL images. Float images
+    already in [0, 1] (torchvision's `ToTensor`, `np.array(image) / 255`) would be divided again, into a nearly black
+    image: as transformers' image processors do, such input logs a warning (once) to pass `do_rescale=False`
+    (`processor(images=..., text=..., do_rescale=False)`), which is then what to do.
     """
 
     model_input_names = ["pixel_values"]
@@ -106,6 +119,8 @@ class DeltaVLMImageProcessor(PilBackend):
                 image = load_image(image)
                 _check_image_size(image, name)
                 flat.append(image)
+        if kwargs.get("do_rescale", self.do_rescale) and any(_looks_rescaled(image) for image in flat):
+            logger.warning_once(RESCALED_IMAGES_WARNING)
         features = super().preprocess(flat, *args, return_tensors="pt", **kwargs)
         pixel_values = features["pixel_values"]  # (2B, C, H, W), before/after interleaved
         pixel_values = pixel_values.reshape(len(pairs), 2, *pixel_values.shape[1:])
@@ -138,6 +153,18 @@ def _check_image_size(image, name: str) -> None:
         raise ValueError(f"{name}: unsupported image type {type(image).__name__} (use PIL, numpy, torch or a path)")
     if min(height, width) < MIN_IMAGE_SIDE:
         raise ValueError(f"{name} is {width}x{height} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is expected")
+
+
+def _looks_rescaled(image) -> bool:
+    """A float array or tensor whose values all lie in [0, 1] (transformers' `is_scaled_image`): most likely
+    already divided by 255."""
+    if isinstance(image, torch.Tensor):
+        if not image.dtype.is_floating_point:
+            return False
+        image = image.detach().float().cpu().numpy()
+    if not isinstance(image, np.ndarray) or image.dtype.kind != "f" or image.size == 0:
+        return False
+    return bool(is_scaled_image(image))
 
 
 def _is_wide_integer(array) -> bool:

@@ -195,3 +195,24 @@ def test_image_placeholders_in_prompts_and_answers_are_removed(tiny_processor, s
     assert not (inputs["labels"] == tiny_processor.image_token_id).any()
     for key in plain:
         assert torch.equal(inputs[key], plain[key]), key
+
+
+def test_float_images_already_in_0_1_warn_and_do_rescale_false_reads_them(tiny_processor, sample_pairs, caplog):
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    before = Image.open(sample_pairs[0][0]).convert("RGB")
+    reference = tiny_processor.image_processor((before, before))["pixel_values"]
+    scaled = torch.from_numpy(np.array(before)).permute(2, 0, 1).float() / 255  # torchvision ToTensor's output
+    transformers_logging.warning_once.cache_clear()  # the warning comes once per process: forget earlier ones
+    with caplog.at_level(logging.WARNING):
+        tiny_processor(images=(scaled, scaled), text="q describe")
+    assert "trying to rescale already rescaled images" in caplog.text and "do_rescale=False" in caplog.text
+    transformers_logging.warning_once.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # 0-255 values, as uint8 or as floats, are what rescaling is for
+        tiny_processor.image_processor((np.array(before), np.array(before).astype(np.float32)))
+    assert "rescale" not in caplog.text
+    rescaled_once = tiny_processor.image_processor((scaled, scaled.numpy()), do_rescale=False)["pixel_values"]
+    torch.testing.assert_close(rescaled_once, reference, rtol=0, atol=1e-5)
