@@ -183,6 +183,46 @@ class DeltaVLMProcessor(ProcessorMixin):
             return prompts
         return [self.llm_prompt_prefix + prompt + self.llm_prompt_suffix for prompt in prompts]
 
+    def _tokenize_prompts(self, prompts: list[str], max_length: int, side: str):
+        """(ids, mask) of shape (B, L) of `llm_prompt_prefix + prompt + llm_prompt_suffix`, padded on `side`.
+
+        A row over `max_length` tokens loses the beginning of its prompt (the current question is at the end), never
+        the prefix or suffix: they are the chat-turn markers the language model was trained with, and cutting the
+        wrapped text from the left would drop the prefix first."""
+        if not (self.llm_prompt_prefix or self.llm_prompt_suffix):
+            return self._tokenize(prompts, max_length, side=side, truncation_side="left")
+        rows = self.tokenizer(self._wrap(prompts), add_special_tokens=False)["input_ids"]
+        cut_lengths = []
+        for index, prompt in enumerate(prompts):
+            if len(rows[index]) > max_length:
+                cut_lengths.append(len(rows[index]))
+                rows[index] = self._wrapped_prompt_end(prompt, len(rows[index]), max_length)
+        if cut_lengths:
+            warnings.warn(
+                f"prompt of {max(cut_lengths)} tokens truncated to {max_length}: its beginning dropped, "
+                "llm_prompt_prefix and llm_prompt_suffix kept (raise max_prompt_tokens to keep more)",
+                stacklevel=4,
+            )
+        padded = self.tokenizer.pad({"input_ids": rows}, padding="longest", padding_side=side, return_tensors="pt")
+        return padded["input_ids"], padded["attention_mask"]
+
+    def _wrapped_prompt_end(self, prompt: str, num_wrapped_tokens: int, max_length: int) -> list[int]:
+        """Token ids of prefix + (the longest end of `prompt`, cut at one of its token boundaries) + suffix that fit in
+        `max_length`: the cut text is tokenized whole, exactly as if it had been the prompt."""
+        tokenizer = self.tokenizer
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        num_wrapper_tokens = num_wrapped_tokens - len(offsets)  # prefix and suffix, about (merges at the seams)
+        # first guess from the counts; one more prompt token off per try when a seam merges differently
+        for first_token in range(max(0, len(offsets) - (max_length - num_wrapper_tokens)), len(offsets) + 1):
+            end = prompt[offsets[first_token][0] :].lstrip() if first_token < len(offsets) else ""
+            ids = tokenizer(self._wrap([end])[0], add_special_tokens=False)["input_ids"]
+            if len(ids) <= max_length:
+                return ids
+        raise ValueError(
+            f"max_prompt_tokens={self.max_prompt_tokens} leaves no room for llm_prompt_prefix and llm_prompt_suffix "
+            f"({len(ids)} tokens, plus bos)"
+        )
+
     def _pad_id(self) -> int:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
@@ -204,7 +244,7 @@ class DeltaVLMProcessor(ProcessorMixin):
         """Generation layout, left padded: [image x Q][pad ...][bos prompt]."""
         bos_id = self.tokenizer.bos_token_id
         budget = self.max_prompt_tokens - (bos_id is not None)
-        ids, mask = self._tokenize(self._wrap(prompts), budget, side="left", truncation_side="left")
+        ids, mask = self._tokenize_prompts(prompts, budget, side="left")
         if bos_id is not None:
             # Put bos right before each prompt's first token, i.e. in the last padding column.
             column = (ids.shape[0], 1)  # (not ids[:, :1]: every prompt may be empty, leaving zero columns)
@@ -221,8 +261,8 @@ class DeltaVLMProcessor(ProcessorMixin):
         bos_id, eos_id, pad_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self._pad_id()
         if eos_id is None:
             raise ValueError("the language-model tokenizer has no eos token; training needs one to end answers")
-        prompt_ids, prompt_mask = self._tokenize(
-            self._wrap(prompts), self.max_prompt_tokens - (bos_id is not None), side="right", truncation_side="left"
+        prompt_ids, prompt_mask = self._tokenize_prompts(
+            prompts, self.max_prompt_tokens - (bos_id is not None), side="right"
         )
         answer_ids, answer_mask = self._tokenize(answers, self.max_answer_tokens - 1, side="right", truncation_side="right")
         batch_size = prompt_ids.shape[0]

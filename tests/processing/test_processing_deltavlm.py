@@ -216,3 +216,23 @@ def test_float_images_already_in_0_1_warn_and_do_rescale_false_reads_them(tiny_p
     assert "rescale" not in caplog.text
     rescaled_once = tiny_processor.image_processor((scaled, scaled.numpy()), do_rescale=False)["pixel_values"]
     torch.testing.assert_close(rescaled_once, reference, rtol=0, atol=1e-5)
+
+
+def test_long_prompts_keep_llm_prompt_prefix_and_suffix(tiny_processor, sample_pairs):
+    # the prefix/suffix are a chat-tuned LLM's turn markers: cutting a long prompt from the left used to cut the prefix
+    wrapped = DeltaVLMProcessor(
+        tiny_processor.image_processor, tiny_processor.tokenizer, tiny_processor.qformer_tokenizer,
+        num_query_tokens=4, llm_prompt_prefix="user says ", llm_prompt_suffix=" answer", max_prompt_tokens=32,
+    )
+    tokenizer = tiny_processor.tokenizer
+    prefix_ids = tokenizer("user says ", add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(" answer", add_special_tokens=False)["input_ids"]
+    long_prompt = " ".join(["a no q is it so"] * 20) + " q how many roads changed"
+    for answers in (None, ["two"]):
+        with pytest.warns(UserWarning, match="llm_prompt_prefix and llm_prompt_suffix kept"):
+            inputs = wrapped(images=sample_pairs[:1], text=[long_prompt], answers=answers)
+        ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
+        prompt_ids = ids[5:] if answers is None else ids[5 : -len(tokenizer("two", add_special_tokens=False)["input_ids"]) - 1]
+        assert ids[:5] == [501] * 4 + [2] and len(prompt_ids) == 31  # max_prompt_tokens with bos
+        assert prompt_ids[: len(prefix_ids)] == prefix_ids and prompt_ids[-len(suffix_ids) :] == suffix_ids
+        assert tokenizer.decode(prompt_ids[: -len(suffix_ids)]).endswith("how many roads changed")
