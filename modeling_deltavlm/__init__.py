@@ -23,6 +23,8 @@ AutoProcessor.register(DeltaVLMConfig, DeltaVLMProcessor, exist_ok=True)
 register_pipeline()  # pipeline("bitemporal-image-text-to-text", model=...)
 
 DeltaVLMConfig.register_for_auto_class()
+# One Auto class per model class is recorded here; save_pretrained also names AutoModel in auto_map
+# (modeling_deltavlm.AUTO_MAP_MODEL_CLASSES), so both load a saved folder through remote code.
 DeltaVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 DeltaVLMImageProcessor.register_for_auto_class("AutoImageProcessor")
 DeltaVLMProcessor.register_for_auto_class("AutoProcessor")

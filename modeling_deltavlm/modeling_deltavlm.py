@@ -32,6 +32,11 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_deltavlm import DeltaVLMConfig
 
+# The Auto classes a saved folder names in config.json's `auto_map`, so that each loads it with trust_remote_code=True
+# where this package is not installed, as each does where it is (`import modeling_deltavlm` registers both).
+# `register_for_auto_class` keeps only one class per model class; `save_pretrained` adds the others.
+AUTO_MAP_MODEL_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
+
 
 @dataclass
 class DeltaVLMVisionOutput(ModelOutput):
@@ -576,6 +581,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         """transformers' `save_pretrained`, plus a model card (README.md with Hub metadata) when the folder has
         none. `model_card` replaces the generated card (the converter and the demo state their provenance).
         With `config.language_model_weights` set, the language model is left out (it is read from there)."""
+        if self._auto_class is not None:  # the class ships its code (register_for_auto_class)
+            self._add_auto_map_entries()
         if self.config.language_model_weights and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = {
                 key: value for key, value in self.state_dict().items() if not key.startswith("language_model.")
@@ -585,6 +592,13 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
         if model_card is not None or not os.path.exists(card_path):
             with open(card_path, "w", encoding="utf-8") as handle:
                 handle.write(model_card if model_card is not None else default_model_card(self.config))
+
+    def _add_auto_map_entries(self) -> None:
+        # the name transformers' custom_object_save writes: module file (copied flat beside config.json) and class
+        class_name = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update({auto_class: class_name for auto_class in AUTO_MAP_MODEL_CLASSES})
+        self.config.auto_map = auto_map
 
     def prepare_inputs_for_generation(self, *args, pair_embeds=None, is_first_iteration=False, **kwargs):
         # pixel_values are dropped after the prefill step by GenerationMixin; pair_embeds must be too,

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -240,6 +241,10 @@ def test_remote_code_loads_without_the_package(tmp_path, tiny_model, tiny_proces
     tiny_processor.save_pretrained(tmp_path)
     for name in ("configuration_deltavlm.py", "modeling_deltavlm.py", "processing_deltavlm.py", "image_processing_deltavlm.py"):
         assert (tmp_path / name).is_file()
+    # AutoModel too, as where the package is installed (register_for_auto_class records one class per model class)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    for auto_class in ("AutoModel", "AutoModelForImageTextToText"):
+        assert auto_map[auto_class] == "modeling_deltavlm.DeltaVLMForConditionalGeneration", auto_map
     expected = _greedy(tiny_model, batch)
     torch.save({"batch": dict(batch), "expected": expected}, tmp_path / "case.pt")
     script = textwrap.dedent(
@@ -262,6 +267,10 @@ def test_remote_code_loads_without_the_package(tmp_path, tiny_model, tiny_proces
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert type(processor).__name__ == "DeltaVLMProcessor"
         assert torch.equal(output, case["expected"]), (output, case["expected"])
+        from transformers import AutoModel
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(base).__module__.startswith("transformers_modules"), type(base).__module__
+        assert torch.equal(base.generate(**case["batch"], max_new_tokens=8, do_sample=False), case["expected"])
         print("REMOTE OK")
         """
     )
