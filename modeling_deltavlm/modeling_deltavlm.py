@@ -347,6 +347,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
                     f"pair_embeds must have shape (batch_size, 2 * tokens_per_image, {self.config.vision_config.hidden_size}),"
                     f" got {tuple(pair_embeds.shape)}"
                 )
+            # as pixel_values: precomputed features may come in another dtype (float32 cached for a bf16 model)
+            pair_embeds = pair_embeds.to(self.qformer.dtype)
             vision_outputs = DeltaVLMVisionOutput(pair_embeds=pair_embeds)
         batch_size = pair_embeds.shape[0]
         if qformer_input_ids.shape[0] != batch_size:

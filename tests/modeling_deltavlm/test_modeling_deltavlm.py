@@ -129,6 +129,17 @@ def test_beam_search_and_sampling_run(tiny_model, batch):
     assert not (beams[:, batch["input_ids"].shape[1]:] == 501).any()  # never generates the image placeholder
 
 
+def test_float32_pair_embeds_on_a_bfloat16_model(tiny_model, batch):
+    # cached float32 features used to fail in the bf16 Q-Former with a dtype error; they are cast like pixel_values
+    model = DeltaVLMForConditionalGeneration(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to(torch.bfloat16).eval()
+    pair_embeds = model.get_pair_embeds(batch["pixel_values"]).pair_embeds  # bf16
+    inputs = {key: value for key, value in batch.items() if key != "pixel_values"}
+    expected = model(**inputs, pair_embeds=pair_embeds).logits
+    torch.testing.assert_close(model(**inputs, pair_embeds=pair_embeds.float()).logits, expected, rtol=0, atol=0)
+
+
 def test_training_steps_lower_loss_and_touch_only_the_trainable_set(tiny_processor, sample_pairs, make_tiny_config):
     torch.manual_seed(0)
     model = DeltaVLMForConditionalGeneration(make_tiny_config(difference_dropout=0.0))
