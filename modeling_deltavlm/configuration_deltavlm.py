@@ -69,7 +69,7 @@ class DeltaVLMConfig(PreTrainedConfig):
     qformer_config (`dict` or `InstructBlipQFormerConfig`): the instruction-aware Q-Former (BERT-base).
         Its `encoder_hidden_size` is derived from the vision width.
     text_config (`dict` or any causal-LM `PreTrainedConfig`): the language model (Vicuna-7B-v1.5).
-    num_query_tokens (`int`, defaults to 32): learned queries; also the number of image placeholder tokens.
+    num_query_tokens (`int`, defaults to 32): learned queries (at least 1); also the number of image placeholder tokens.
     image_token_id (`int`, defaults to 32001): placeholder id the processor puts where the projected
         queries go. It may lie outside the language model's vocabulary (the default does): the
         placeholders are replaced before the embedding lookup, so the released checkpoint's 32001-row
@@ -115,6 +115,8 @@ class DeltaVLMConfig(PreTrainedConfig):
                 f"num_trainable_vision_layers={self.num_trainable_vision_layers} must lie in "
                 f"[0, {self.vision_config.num_hidden_layers}] (the ViT's depth)"
             )
+        if self.num_query_tokens < 1:  # no queries: no image tokens, the model would answer without the images
+            raise ValueError(f"num_query_tokens must be at least 1, got {self.num_query_tokens}")
         if not 0.0 <= self.difference_dropout < 1.0:
             raise ValueError(f"difference_dropout must lie in [0, 1), got {self.difference_dropout}")
 

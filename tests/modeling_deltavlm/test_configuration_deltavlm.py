@@ -51,7 +51,12 @@ def test_config_round_trip_and_auto_config(tmp_path, make_tiny_config):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"num_trainable_vision_layers": 5}, "num_trainable_vision_layers"), ({"difference_dropout": 1.0}, "difference_dropout")],
+    [
+        ({"num_trainable_vision_layers": 5}, "num_trainable_vision_layers"),
+        ({"difference_dropout": 1.0}, "difference_dropout"),
+        ({"num_query_tokens": 0}, "num_query_tokens"),
+        ({"num_query_tokens": -3}, "num_query_tokens"),
+    ],
 )
 def test_config_rejects_impossible_values(make_tiny_config, overrides, message):
     with pytest.raises(ValueError, match=message):
