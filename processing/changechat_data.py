@@ -76,7 +76,7 @@ def _records_from_entries(entries: list, image_root: Path, file_task: str | None
     records = []
     seen_ids = set()
     for index, entry in enumerate(entries):
-        where = f"{source} record {index}"
+        where = f"{source} record {index + 1}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
         if "conversations" in entry:
@@ -97,7 +97,7 @@ def load_levircc(captions_file, image_root, split: str | None = "test") -> datas
     Record ids are `Levir_CC_{split}_img{imgid}`, the convention of published prediction files."""
     captions_file, image_root = Path(captions_file), Path(image_root)
     try:
-        images = json.loads(captions_file.read_text())["images"]
+        images = json.loads(captions_file.read_text(encoding="utf-8-sig"))["images"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{captions_file}: not a LEVIR-CC captions file ({error})") from error
     if not isinstance(images, list):
@@ -145,11 +145,11 @@ def load_records(annotations, image_root=None, task: str | None = None, split: s
     if path.is_file():
         if image_root is None:
             raise ValueError(f"image_root is required with the annotation file {path}")
-        head = path.read_text()[:4096].lstrip()
+        head = path.read_text(encoding="utf-8-sig", errors="replace")[:4096].lstrip()
         if head.startswith("{") and '"images"' in head:
             return load_levircc(path, image_root, split=split)
         return load_changechat(path, image_root, task=task)
-    if path.suffix == ".json":
+    if path.suffix in (".json", ".jsonl"):
         raise FileNotFoundError(f"annotation file not found: {path}")
     # a Hub dataset id or a saved `datasets` folder with rows in one of the ChangeChat schemas
     rows = datasets.load_dataset(str(annotations), split=split or "test")
@@ -194,17 +194,35 @@ def _record_id(value, where: str) -> str:
 
 
 def _read_json_list(path: Path) -> list:
+    """A JSON list of records (or {"annotations": [...]}), or JSONL: one record per line."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not an error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if not (path.suffix == ".jsonl" or error.msg.startswith("Extra data")):
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        data = _json_lines(text, path)
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def _json_lines(text: str, path: Path) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from error
+    return records
 
 
 def _instruction_record(entry: dict, image_root: Path, file_task: str | None, where: str) -> dict:

@@ -81,7 +81,7 @@ def test_bad_records_name_the_record(tmp_path, image_root, entry, message):
     path.write_text(json.dumps([entry]))
     with pytest.raises(ValueError, match=message) as error:
         load_records(path, image_root)
-    assert "record 0" in str(error.value)
+    assert "record 1" in str(error.value)
 
 
 def test_duplicate_ids_and_missing_file(tmp_path, image_root):
@@ -99,3 +99,18 @@ def test_task_of_question():
     assert task_of_question(TASK_PROMPTS["localization"]) == "localization"
     assert task_of_question(TASK_PROMPTS["dialogue_summary"]) == "caption"
     assert task_of_question("What color are the new roofs?") == "open"
+
+
+def test_jsonl_and_byte_order_marks_are_read(tmp_path, image_root):
+    """A ChangeChat file converted to JSON Lines, or saved with a byte-order mark, gives the same records."""
+    entries = [{"id": i, "image": IMAGES, "conversations": _turns((TASK_PROMPTS["binary"], "Yes."))} for i in (1, 2)]
+    as_json = tmp_path / "changechat_test_binary.json"
+    as_json.write_text(json.dumps(entries), encoding="utf-8-sig")
+    as_jsonl = tmp_path / "changechat_test_binary.jsonl"
+    as_jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    expected = load_records(as_json, image_root).to_list()
+    assert [record["id"] for record in expected] == ["1", "2"] and expected[0]["task"] == "binary"
+    assert load_records(as_jsonl, image_root).to_list() == expected
+    as_jsonl.write_text(json.dumps(entries[0]) + "\n{broken\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_records(as_jsonl, image_root)

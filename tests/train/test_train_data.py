@@ -106,7 +106,7 @@ def test_validation_split_from_levircc(shared_dir):
 def test_record_without_answer_turn_is_an_error(tmp_path, shared_dir):
     record = dialogue()
     record["conversations"] = record["conversations"][:3]  # ends with a question
-    with pytest.raises(ValueError, match=r"record 0.*no answer"):
+    with pytest.raises(ValueError, match=r"record 1.*no answer"):
         samples_of(tmp_path, [record])
 
 
