@@ -257,14 +257,28 @@ def _check_choices(parser, values: dict) -> None:
 
 
 def _coerce_config_value(parser, key: str, value):
-    """YAML reads `1e-5` as a string (YAML 1.1): convert strings with the field's own type, as on the command line."""
+    """A YAML value -> the field's type, as the command line would give it. YAML reads `1e-5` as a string (YAML
+    1.1): strings are converted with the field's own type. A list field written as one value (`train_files:
+    a.json`) is a one-item list, not a string to iterate character by character. A number field refuses lists,
+    mappings and (int) fractions by name instead of failing later, or not at all."""
     action = parser._option_string_actions[f"--{key}"]
+    is_list = action.nargs in ("+", "*")
+    if is_list and value is not None and not isinstance(value, list):
+        if isinstance(value, dict):
+            raise ValueError(f"{key}: expected a list of values, got a mapping {value!r}")
+        value = [value]
     if action.type in (None, str):
         return value
+    if is_list:
+        return None if value is None else [_convert(action, key, [v]) if isinstance(v, str) else v for v in value]
     if isinstance(value, str):
         return _convert(action, key, [value])
-    if isinstance(value, list) and action.nargs in ("+", "*"):
-        return [_convert(action, key, [v]) if isinstance(v, str) else v for v in value]
+    if action.type in (int, float) and (isinstance(value, (list, dict)) or isinstance(value, bool)):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if action.type is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{key}: expected a whole number, got {value!r}")
+        return int(value)
     return value
 
 

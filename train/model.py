@@ -148,12 +148,15 @@ def apply_lora(model, model_args):
 def cast_for_mixed_precision(model, dtype: torch.dtype | None) -> None:
     """Frozen weights in `dtype` (half the memory), trainable weights in fp32: bf16 keeps ~3 significant digits, so
     updates ~1e-5 of a weight's size (lr 1e-5) would round away, and fp16 AMP refuses to unscale fp16 gradients.
-    Autocast then runs the matmuls in `dtype`."""
+    Autocast then runs the matmuls in `dtype`. Without mixed precision (`dtype` None) every floating weight is fp32:
+    nothing autocasts then, and a frozen bf16 weight (a model exported in bf16, or loaded with --dtype bfloat16)
+    would meet fp32 activations from the trainable modules in a matmul and fail."""
+    frozen_dtype = torch.float32 if dtype is None else dtype
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-        elif dtype is not None and param.dtype.is_floating_point:
-            param.data = param.data.to(dtype)
+        elif param.dtype.is_floating_point and param.dtype != frozen_dtype:
+            param.data = param.data.to(frozen_dtype)
 
 
 def _qlora_quantization_config():

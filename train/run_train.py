@@ -51,6 +51,7 @@ def main(argv=None, callbacks=()) -> int:
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
+    check_best_model_metric(training_args, eval_args)
     data_args.task_weights = parse_task_weights(data_args.task_weights)  # a typo'd task name fails before any loading
     if not 0.0 <= data_args.dialogue_image_swap <= 1.0:
         raise ValueError(f"data.dialogue_image_swap must lie in [0, 1], got {data_args.dialogue_image_swap}")
@@ -139,6 +140,32 @@ def check_training_args(training_args) -> None:
         raise ValueError("training.remove_unused_columns must be false: the collator reads image paths and prompts")
     if training_args.fp16 and training_args.bf16:
         raise ValueError("choose one of training.fp16 and training.bf16")
+
+
+# What the validation reports (DeltaVLMTrainer.evaluate: generated captions scored), as eval_<name>.
+VALIDATION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider", "meteor")
+
+
+def check_best_model_metric(training_args, eval_args) -> None:
+    """Keeping the best checkpoint and early stopping compare `metric_for_best_model` across evaluations. The
+    validation generates captions and scores them; it computes no loss, so transformers' default ("loss") or a
+    misspelt name would fail at the first evaluation, after the model has loaded and trained: checked here."""
+    patience = eval_args.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise ValueError(f"eval.early_stopping_patience must be at least 1, got {patience}")
+    if not training_args.load_best_model_at_end and patience is None:
+        return
+    if patience is not None and not training_args.load_best_model_at_end:
+        raise ValueError("eval.early_stopping_patience needs training.load_best_model_at_end: true")
+    available = [name for name in VALIDATION_METRICS if name != "meteor" or eval_args.eval_meteor]
+    metric = training_args.metric_for_best_model
+    name = (metric or "loss").removeprefix("eval_")
+    if name not in available:
+        hint = " (meteor needs eval.eval_meteor: true)" if name == "meteor" else ""
+        raise ValueError(
+            f"training.metric_for_best_model={metric!r} is not a validation score{hint}: the validation scores generated "
+            f"captions and reports {', '.join(available)}; e.g. metric_for_best_model: cider"
+        )
 
 
 def complete_checkpoint(resume, output_dir):

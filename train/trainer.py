@@ -44,7 +44,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from .collator import GenerationCollator
 from .model import ENCODER_PARAMETER, frozen_subtrees, trainable_parameter_names
-from .sample_order import StratifiedLengthGroupedSampler
+from .sample_order import EpochSeededOrder, StratifiedLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,18 @@ SAMPLE_ORDERS = ("random", "stratified")
 STRATA_COLUMNS = ("task", "answer")
 
 
-class WindowedLengthGroupedSampler(LengthGroupedSampler):
+class WindowedLengthGroupedSampler(EpochSeededOrder, LengthGroupedSampler):
     """The Trainer's length-grouped sampler with windows of `window` batches (its own uses up to 50): a random
     permutation, cut into windows of `window * batch_size` samples, each sorted by length, so consecutive batches
-    hold samples of similar length. Draws from torch's global generator, which the Trainer seeds."""
+    hold samples of similar length. The permutation comes from (`seed`, epoch): `EpochSeededOrder`."""
 
-    def __init__(self, batch_size: int, lengths: list[int], window: int = LENGTH_WINDOW_BATCHES):
+    def __init__(self, batch_size: int, lengths: list[int], window: int = LENGTH_WINDOW_BATCHES, seed: int = 0):
         super().__init__(batch_size, lengths=lengths)
-        self.window = window
+        self.window, self.seed = window, seed
 
     def __iter__(self):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=self.window,
-                                               generator=self.generator))
+                                               generator=self.epoch_generator()))
 
 
 class DeltaVLMTrainer(Trainer):
@@ -126,11 +126,17 @@ class DeltaVLMTrainer(Trainer):
                 raise ValueError(f"sample_order 'stratified' needs the training samples' columns {missing}")
             return StratifiedLengthGroupedSampler(list(zip(*(dataset[name] for name in STRATA_COLUMNS))),
                                                   lengths=list(dataset[column]) if grouped else None,
-                                                  window_size=step * self.length_window_steps if grouped else None)
+                                                  window_size=step * self.length_window_steps if grouped else None,
+                                                  seed=self._order_seed())
         if (grouped and dataset is not None
                 and column in getattr(dataset, "column_names", ())):
-            return WindowedLengthGroupedSampler(step, lengths=list(dataset[column]), window=self.length_window_steps)
+            return WindowedLengthGroupedSampler(step, lengths=list(dataset[column]), window=self.length_window_steps,
+                                                seed=self._order_seed())
         return super()._get_train_sampler(train_dataset)
+
+    def _order_seed(self) -> int:
+        # as the Trainer seeds its own random sampler: data_seed when given, else seed
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
 
     # --- 6. frozen modules in eval mode ---
 

@@ -84,3 +84,36 @@ def test_bad_sampler_arguments_are_named():
         StratifiedLengthGroupedSampler([1, 2, 3], window_size=2)
     with pytest.raises(ValueError, match="window_size"):
         StratifiedLengthGroupedSampler([1, 2, 3], lengths=[1, 2, 3], window_size=0)
+
+
+def _samplers(seed):
+    from train.trainer import WindowedLengthGroupedSampler
+
+    keys = mixed_keys()[:200]
+    lengths = [len(key[1]) for key in keys]
+    return [StratifiedLengthGroupedSampler(keys, lengths=lengths, window_size=16, seed=seed),
+            WindowedLengthGroupedSampler(4, lengths=lengths, window=4, seed=seed)]
+
+
+def test_an_epochs_order_depends_on_seed_and_epoch_only():
+    """What a run resumed inside epoch k needs: set_epoch(k) gives epoch k's order again, whatever torch's global
+    generator went through before (the Trainer calls set_epoch each epoch, through accelerate's data loader)."""
+    for first, second, other_seed in zip(_samplers(0), _samplers(0), _samplers(1)):
+        first.set_epoch(1)
+        expected = list(first)
+        torch.manual_seed(1234)
+        torch.rand(17)  # another run's history of random draws
+        second.set_epoch(1)
+        assert list(second) == expected, type(first).__name__
+        second.set_epoch(0)
+        assert list(second) != expected  # a fresh order every epoch
+        other_seed.set_epoch(1)
+        assert list(other_seed) != expected
+
+
+def test_iterating_again_without_set_epoch_moves_to_the_next_epoch():
+    for sampler, reference in zip(_samplers(0), _samplers(0)):
+        first, second = list(sampler), list(sampler)  # a plain DataLoader: no set_epoch between passes
+        assert first != second and sorted(first) == sorted(second) == list(range(200))
+        reference.set_epoch(1)
+        assert list(reference) == second

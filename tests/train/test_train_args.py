@@ -68,6 +68,24 @@ def test_a_value_outside_a_fields_choices_is_named(tmp_path):
     assert data.sample_order == "stratified" and data.captions_per_pair == "all"
 
 
+def test_yaml_scalars_for_list_fields_and_wrong_number_types(tmp_path):
+    """`train_files: a.json` is the list [a.json], not five characters; numbers of the wrong kind are named."""
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {model_name_or_path: m, lora_target_modules: q_proj}\n"
+                      "data: {train_files: a.json}\ntraining: {output_dir: out, max_steps: 4.0}\n")
+    model, data, _, _, training = parse("--config", str(config))
+    assert model.lora_target_modules == ["q_proj"] and data.train_files == ["a.json"] and training.max_steps == 4
+    for entry, message in (("max_steps: 2.5", "max_steps: expected a whole number"),
+                           ("learning_rate: [1, 2]", "learning_rate: expected a number"),
+                           ("max_steps: true", "max_steps: expected a number")):
+        config.write_text(f"training: {{output_dir: out, {entry}}}\n")
+        with pytest.raises(ValueError, match=message):
+            parse("--config", str(config))
+    config.write_text("data: {train_files: {a: 1}}\ntraining: {output_dir: out}\n")
+    with pytest.raises(ValueError, match="train_files: expected a list of values"):
+        parse("--config", str(config))
+
+
 def test_cli_rejects_bad_config_before_loading(tmp_path):
     from train.run_train import main
 

@@ -588,6 +588,19 @@ def test_mixed_precision_cast_keeps_trainable_fp32(workspace):
     assert model.query_tokens.grad is not None and model.query_tokens.grad.dtype == torch.float32
 
 
+def test_a_bf16_model_trains_without_mixed_precision(workspace):
+    """A folder exported in bf16 (the shipped configs' export_dtype), trained on without bf16/fp16: all fp32."""
+    from train.model import cast_for_mixed_precision
+
+    model = load_folder(workspace["model"]).to(torch.bfloat16)
+    model.set_trainable_as_paper()
+    cast_for_mixed_precision(model, None)
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+    model.train()
+    model(**workspace["batch"]()).loss.backward()
+    assert model.query_tokens.grad is not None
+
+
 def test_export_can_reference_the_base_language_model(workspace, tmp_path):
     from train.export import export_model
 
@@ -687,3 +700,25 @@ def test_best_checkpoint_by_validation_bleu_is_exported(workspace, tmp_path):
     best = checkpoint_weights(state["best_model_checkpoint"])
     exported = load_folder(output_dir / "final").state_dict()
     assert all(torch.equal(best[name], exported[name]) for name in best)
+
+
+@pytest.mark.parametrize("training, evaluation, message", [
+    ({"load_best_model_at_end": True}, {}, r"metric_for_best_model='loss' is not a validation score"),
+    ({"load_best_model_at_end": True, "metric_for_best_model": "bleu4"}, {}, r"'bleu4' is not a validation score"),
+    ({"load_best_model_at_end": True, "metric_for_best_model": "meteor"}, {}, r"meteor needs eval.eval_meteor"),
+    ({}, {"early_stopping_patience": 2}, r"early_stopping_patience needs training.load_best_model_at_end"),
+])
+def test_best_model_metric_is_checked_before_loading(workspace, tmp_path, monkeypatch, training, evaluation, message):
+    """The validation scores generated captions and computes no loss: a metric it never reports fails at once,
+    not at the first evaluation after training."""
+    import train.run_train
+
+    monkeypatch.setattr(train.run_train, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    config = write_config(tmp_path / "c.yaml", workspace, tmp_path / "out",
+                          training={"max_steps": 2, "eval_strategy": "steps", "eval_steps": 1, "save_steps": 1, **training})
+    if evaluation:
+        data = yaml.safe_load(config.read_text())
+        data.setdefault("eval", {}).update(evaluation)
+        config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=message):
+        train.run_train.main(["--config", str(config)])
