@@ -304,7 +304,8 @@ def _pop_resume(argv: list[str]) -> str | bool | None:
     if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
         value = argv[i + 1]
         del argv[i : i + 2]
-        return value
+        # as the other boolean options read them; a checkpoint folder is rarely named "true"
+        return {"true": True, "false": None}.get(value.lower(), value)
     del argv[i]
     return True
 

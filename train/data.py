@@ -211,6 +211,11 @@ def parse_task_weights(value) -> dict[str, float] | None:
     for task, weight in value.items():
         if task not in TASKS:
             raise ValueError(f"data.task_weights: unknown task {task!r}; tasks are {list(TASKS)}")
+        if isinstance(weight, str):  # YAML 1.1 reads 5e-1 as a string
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"data.task_weights[{task!r}] must be a number >= 0, got {weight!r}")
         weights[task] = float(weight)

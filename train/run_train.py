@@ -51,6 +51,7 @@ def main(argv=None, callbacks=()) -> int:
     model_args, data_args, eval_args, export_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_training_args(training_args)
+    check_value_ranges(model_args, data_args, eval_args, training_args)
     check_best_model_metric(training_args, eval_args)
     data_args.task_weights = parse_task_weights(data_args.task_weights)  # a typo'd task name fails before any loading
     if not 0.0 <= data_args.dialogue_image_swap <= 1.0:
@@ -140,6 +141,27 @@ def check_training_args(training_args) -> None:
         raise ValueError("training.remove_unused_columns must be false: the collator reads image paths and prompts")
     if training_args.fp16 and training_args.bf16:
         raise ValueError("choose one of training.fp16 and training.bf16")
+
+
+def check_value_ranges(model_args, data_args, eval_args, training_args) -> None:
+    """Values no run can use, named before any data or model is loaded (each would fail later, or silently do
+    nothing: a validation of 0 pairs logs no metrics)."""
+    at_least_one = {
+        "data.length_window_steps": data_args.length_window_steps,
+        "data.val_max_samples": data_args.val_max_samples,
+        "eval.eval_num_beams": eval_args.eval_num_beams,
+        "eval.eval_max_new_tokens": eval_args.eval_max_new_tokens,
+        "training.per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "training.per_device_eval_batch_size": training_args.per_device_eval_batch_size,
+        "training.gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+    }
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if model_args.encoder_learning_rate is not None and model_args.encoder_learning_rate < 0:
+        raise ValueError(f"model.encoder_learning_rate must be >= 0, got {model_args.encoder_learning_rate}")
+    if training_args.learning_rate < 0:
+        raise ValueError(f"training.learning_rate must be >= 0, got {training_args.learning_rate}")
 
 
 # What the validation reports (DeltaVLMTrainer.evaluate: generated captions scored), as eval_<name>.

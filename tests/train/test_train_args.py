@@ -86,6 +86,17 @@ def test_yaml_scalars_for_list_fields_and_wrong_number_types(tmp_path):
         parse("--config", str(config))
 
 
+def test_resume_false_is_no_resume_and_yaml_task_weights_read_as_numbers():
+    from train.data import parse_task_weights
+
+    assert parse("--output_dir", "out", "--resume", "false")[4].resume_from_checkpoint is None
+    assert parse("--output_dir", "out", "--resume", "true")[4].resume_from_checkpoint is True
+    assert parse("--output_dir", "out", "--resume", "runs/x/checkpoint-7")[4].resume_from_checkpoint == "runs/x/checkpoint-7"
+    assert parse_task_weights({"binary": "5e-1", "count": 2}) == {"binary": 0.5, "count": 2.0}
+    with pytest.raises(ValueError, match=r"task_weights\['binary'\] must be a number"):
+        parse_task_weights({"binary": "half"})
+
+
 def test_cli_rejects_bad_config_before_loading(tmp_path):
     from train.run_train import main
 

@@ -722,3 +722,22 @@ def test_best_model_metric_is_checked_before_loading(workspace, tmp_path, monkey
         config.write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match=message):
         train.run_train.main(["--config", str(config)])
+
+
+@pytest.mark.parametrize("section, entry, message", [
+    ("data", {"length_window_steps": 0}, "data.length_window_steps must be at least 1"),
+    ("data", {"val_max_samples": 0}, "data.val_max_samples must be at least 1"),
+    ("eval", {"eval_num_beams": 0}, "eval.eval_num_beams must be at least 1"),
+    ("training", {"per_device_train_batch_size": 0}, "training.per_device_train_batch_size must be at least 1"),
+    ("model", {"encoder_learning_rate": -1e-4}, "model.encoder_learning_rate must be >= 0"),
+])
+def test_values_no_run_can_use_are_named_before_loading(workspace, tmp_path, monkeypatch, section, entry, message):
+    import train.run_train
+
+    monkeypatch.setattr(train.run_train, "load_model_and_processor", lambda *a, **k: pytest.fail("model loaded"))
+    config = write_config(tmp_path / "c.yaml", workspace, tmp_path / "out", training={"max_steps": 1})
+    data = yaml.safe_load(config.read_text())
+    data.setdefault(section, {}).update(entry)
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=message):
+        train.run_train.main(["--config", str(config)])
