@@ -1,10 +1,15 @@
 """After training: a complete model folder that `from_pretrained` loads (LLM included), and for LoRA runs the
 adapter folder as well.
 
-The adapter folder is peft's (`adapter_config.json`, `adapter_model.safetensors`: the LLM's LoRA weights) plus
-`non_lora_trainables.safetensors` with the rest of what was trained (ViT blocks, ln_vision, CSRM, query tokens,
-Q-Former, projection), which peft's own files cannot carry (`query_tokens` is a bare parameter).
-`load_lora_adapter` puts both back on a base model.
+The adapter folder is peft's (`adapter_config.json`, `adapter_model.safetensors`), with the rest of what was
+trained (ViT blocks, ln_vision, CSRM, query tokens, Q-Former, projection) stored in `adapter_model.safetensors`
+beside the LLM's LoRA weights, under the wrapped model's names (`base_model.model.qformer...`). Both standard ways
+in then restore it all: `PeftModel.from_pretrained(base, folder)` loads every key of that file that names a
+parameter, and `AutoModelForImageTextToText.from_pretrained(folder)` (transformers' PEFT integration) loads the
+base model named in `adapter_config.json` and then the file the same way. peft's `modules_to_save` is not used for
+them: it would copy the modules and cannot hold the bare `query_tokens` parameter (see `train.model.apply_lora`).
+Folders written before this kept those weights in `non_lora_trainables.safetensors`, which neither standard path
+reads: `load_lora_adapter` still reads them.
 
 Readers take a folder with a `config.json` for a complete model (`from_pretrained`, the demo's resume, `deltavlm
 predict`'s default), while `save_pretrained` writes that file first. `staged_model_folder` therefore writes the
@@ -14,6 +19,7 @@ and the code files without weights, and a rerun would have tried to reuse them).
 """
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +28,11 @@ import safetensors.torch
 import torch
 
 CONFIG_NAME = "config.json"
-NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # peft's file name, which transformers looks for too
+NON_LORA_WEIGHTS_NAME = "non_lora_trainables.safetensors"  # older adapter folders only
+PEFT_PREFIX = "base_model.model."  # a PeftModel's names for the wrapped model's parameters
+# peft's adapter tensors (lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector), with or without adapter name
+LORA_PARAMETER = re.compile(r"\.lora_[A-Za-z_]+(\.|$)")
 
 
 @contextmanager
@@ -98,26 +108,35 @@ def is_peft_model(model) -> bool:
 
 
 def save_lora_adapter(peft_model, adapter_dir: str) -> None:
+    """peft's adapter folder, its `adapter_model.safetensors` extended with every other trainable parameter under
+    the PeftModel's own name (`base_model.model.<name>`), which is how both peft and transformers load it back."""
     peft_model.save_pretrained(adapter_dir)
-    base = peft_model.get_base_model()
-    lora_names = {name for name, _ in base.named_parameters() if "lora_" in name}  # peft's lora_A / lora_B naming
-    weights = {
-        name: param.detach().to("cpu").contiguous()
-        for name, param in base.named_parameters()
-        if param.requires_grad and name not in lora_names
-    }
-    safetensors.torch.save_file(weights, os.path.join(adapter_dir, NON_LORA_WEIGHTS_NAME), metadata={"format": "pt"})
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    weights = safetensors.torch.load_file(weights_path)
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad and not LORA_PARAMETER.search(name):
+            weights[name] = param.detach().to("cpu").contiguous()
+    safetensors.torch.save_file(weights, weights_path, metadata={"format": "pt"})  # peft's own metadata
 
 
 def load_lora_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
-    """A DeltaVLM base model + an adapter folder written by `save_lora_adapter` -> the trained PeftModel."""
+    """A DeltaVLM base model + an adapter folder written by `save_lora_adapter` -> the trained PeftModel.
+
+    The same as `PeftModel.from_pretrained(base_model, adapter_dir)`, except that a weight the model does not have
+    is an error (peft skips it silently) and that folders written before the non-LoRA weights moved into
+    `adapter_model.safetensors` load too (their `non_lora_trainables.safetensors`)."""
     from peft import PeftModel
 
-    weights = safetensors.torch.load_file(os.path.join(adapter_dir, NON_LORA_WEIGHTS_NAME))
-    result = base_model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{adapter_dir}: weights the model does not have: {result.unexpected_keys[:5]}")
+    model_names = set(base_model.state_dict())
+    with safetensors.safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
+        stored = [key.removeprefix(PEFT_PREFIX) for key in handle.keys() if not LORA_PARAMETER.search(key)]
+    legacy_path = os.path.join(adapter_dir, NON_LORA_WEIGHTS_NAME)
+    legacy = safetensors.torch.load_file(legacy_path) if os.path.isfile(legacy_path) else {}
+    unexpected = [name for name in [*stored, *legacy] if name not in model_names]
+    if unexpected:
+        raise ValueError(f"{adapter_dir}: weights the model does not have: {unexpected[:5]}")
+    base_model.load_state_dict(legacy, strict=False)
     return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
 
 
-__all__ = ["NON_LORA_WEIGHTS_NAME", "export_model", "staged_model_folder", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "NON_LORA_WEIGHTS_NAME", "export_model", "staged_model_folder", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]

@@ -273,6 +273,47 @@ def test_lora_trains_saves_reloads_and_merges(workspace, tmp_path):
     assert (logits_adapter - logits_base).abs().max().item() > 1e-3
 
 
+def lora_model_as_trained(workspace):
+    """The tiny model under LoRA as `deltavlm train` sets it up, adapters and the non-LLM trainables moved off
+    their initial values as training would move them."""
+    from types import SimpleNamespace
+
+    from train.model import apply_lora, freeze_as_paper
+
+    model = load_folder(workspace["model"])
+    freeze_as_paper(model)
+    lora = SimpleNamespace(qlora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    peft_model = apply_lora(model, lora)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return peft_model.eval()
+
+
+def test_lora_adapter_folder_loads_whole_through_the_standard_paths(workspace, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from train.export import export_model
+
+    peft_model = lora_model_as_trained(workspace)
+    adapter = export_model(peft_model, workspace["processor"], str(tmp_path / "final"), merge_lora=False)
+    batch = workspace["batch"]()
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        # transformers' PEFT integration: the base model named in adapter_config.json, then the adapter file
+        auto = AutoModelForImageTextToText.from_pretrained(adapter, dtype=torch.float32).eval()
+        assert torch.allclose(auto(**batch).logits, expected, atol=1e-5)
+        # peft's own path
+        via_peft = PeftModel.from_pretrained(load_folder(workspace["model"]), adapter).eval()
+        assert torch.allclose(via_peft(**batch).logits, expected, atol=1e-5)
+    trained = peft_model.get_base_model()
+    for name in ("query_tokens", "language_projection.weight", "qformer.encoder.layer.0.attention.attention.query.weight"):
+        assert torch.equal(dict(auto.named_parameters())[name], dict(trained.named_parameters())[name]), name
+
+
 def test_encoder_learning_rate_zero_freezes_the_encoder_side_only(workspace, tmp_path):
     """`encoder_learning_rate: 0` (with LoRA, as the Nano demo trains after its warm-up): ViT, CSRM, Q-Former and
     queries keep their weights; the projection and the adapters train."""
