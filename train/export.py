@@ -77,14 +77,17 @@ def export_model(model, processor, export_dir: str, dtype: torch.dtype | None = 
 
 def _export_model(model, processor, export_dir: str, dtype, merge_lora, state_dict, reference_language_model):
     if is_peft_model(model):
-        save_lora_adapter(model, os.path.join(export_dir, "adapter"))
+        save_lora_adapter(model, os.path.join(export_dir, "adapter"), state_dict=state_dict)
         if not merge_lora:
             processor.save_pretrained(os.path.join(export_dir, "adapter"))
             return
         if reference_language_model is not None:
             raise ValueError("the LoRA adapters are merged into the language model: it is no longer the base "
                              "model, so it cannot be referenced; export it in full or set merge_lora to false")
-        model = model.merge_and_unload()
+        if state_dict is None:
+            model = model.merge_and_unload()
+        else:  # the live model holds only this process's shards: merge the gathered weights instead
+            model, state_dict = merge_gathered_lora(model, state_dict)
     if any(param.requires_grad for param in model.language_model.parameters()) and reference_language_model:
         raise ValueError("the language model was trained: it cannot be replaced by a reference to the base model")
     # a model loaded from a referencing folder would otherwise keep referencing (and drop the LLM) silently
@@ -107,16 +110,46 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_lora_adapter(peft_model, adapter_dir: str) -> None:
+def save_lora_adapter(peft_model, adapter_dir: str, state_dict: dict | None = None) -> None:
     """peft's adapter folder, its `adapter_model.safetensors` extended with every other trainable parameter under
-    the PeftModel's own name (`base_model.model.<name>`), which is how both peft and transformers load it back."""
-    peft_model.save_pretrained(adapter_dir)
+    the PeftModel's own name (`base_model.model.<name>`), which is how both peft and transformers load it back.
+
+    `state_dict`: the PeftModel's gathered full state dict (DeepSpeed ZeRO-3 / FSDP), whose values are written in
+    place of the live parameters, which there hold only this process's shard (empty tensors under ZeRO-3)."""
+    peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
     weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     weights = safetensors.torch.load_file(weights_path)
     for name, param in peft_model.named_parameters():
         if param.requires_grad and not LORA_PARAMETER.search(name):
-            weights[name] = param.detach().to("cpu").contiguous()
+            value = param if state_dict is None else state_dict[name]
+            weights[name] = value.detach().to("cpu").contiguous()
     safetensors.torch.save_file(weights, weights_path, metadata={"format": "pt"})  # peft's own metadata
+
+
+def merge_gathered_lora(peft_model, state_dict: dict):
+    """A PeftModel and its gathered full state dict (`base_model.model.*` keys, adapters apart) -> (the plain model
+    to save, its state dict with the adapters merged), what `merge_and_unload` gives without sharding.
+
+    The merge is peft's own, on a copy of the model built on the meta device (no memory) that takes the gathered
+    tensors, so it follows the adapter config as `merge_and_unload` does (scaling, rslora, rank and alpha
+    patterns, fan_in_fan_out, DoRA). The returned model is on the meta device: it carries the config and the
+    architecture for `save_pretrained(state_dict=...)`, its weights are the returned state dict."""
+    import copy
+
+    from peft import get_peft_model
+
+    if len(peft_model.peft_config) != 1:
+        raise ValueError(f"cannot merge {len(peft_model.peft_config)} adapters into one export")
+    (adapter_name, lora_config), = peft_model.peft_config.items()
+    base = peft_model.get_base_model()
+    with torch.device("meta"):
+        shell = get_peft_model(type(base)(base.config), copy.deepcopy(lora_config), adapter_name=adapter_name)
+    # merging adds into the base weights in place: those get their own tensors, the caller's stay as they were
+    tensors = {name: value.clone() if name.endswith(".base_layer.weight") else value for name, value in state_dict.items()}
+    shell.load_state_dict(tensors, strict=True, assign=True)  # a key missing or left over is an error, not a skip
+    merged = shell.merge_and_unload()
+    merged_state_dict = merged.state_dict()
+    return merged.to("meta"), merged_state_dict
 
 
 def load_lora_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
@@ -139,4 +172,4 @@ def load_lora_adapter(base_model, adapter_dir: str, is_trainable: bool = False):
     return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=is_trainable)
 
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "NON_LORA_WEIGHTS_NAME", "export_model", "staged_model_folder", "is_peft_model", "load_lora_adapter", "save_lora_adapter"]
+__all__ = ["ADAPTER_WEIGHTS_NAME", "NON_LORA_WEIGHTS_NAME", "export_model", "staged_model_folder", "is_peft_model", "load_lora_adapter", "merge_gathered_lora", "save_lora_adapter"]

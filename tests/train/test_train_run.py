@@ -283,6 +283,7 @@ def lora_model_as_trained(workspace):
     model = load_folder(workspace["model"])
     freeze_as_paper(model)
     lora = SimpleNamespace(qlora=False, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(0)  # peft draws lora_A from the global generator: the same model on every call
     peft_model = apply_lora(model, lora)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -312,6 +313,34 @@ def test_lora_adapter_folder_loads_whole_through_the_standard_paths(workspace, t
     trained = peft_model.get_base_model()
     for name in ("query_tokens", "language_projection.weight", "qformer.encoder.layer.0.attention.attention.query.weight"):
         assert torch.equal(dict(auto.named_parameters())[name], dict(trained.named_parameters())[name]), name
+
+
+def test_gathered_state_dict_of_a_lora_model_exports_as_the_merged_model(workspace, tmp_path):
+    """DeepSpeed ZeRO-3 / FSDP + LoRA + merge_lora: `deltavlm train` passes the PeftModel's gathered state dict
+    (`accelerator.get_state_dict`) while each process's live parameters are empty partitions. Simulated on CPU."""
+    from transformers import AutoModelForImageTextToText
+
+    from train.export import export_model
+
+    gathered = {name: value.clone() for name, value in lora_model_as_trained(workspace).state_dict().items()}
+    sharded = lora_model_as_trained(workspace)
+    for param in sharded.parameters():  # what ZeRO-3 leaves outside a gather
+        param.data = torch.empty(0, dtype=param.dtype)
+    export_model(sharded, workspace["processor"], str(tmp_path / "gathered"), state_dict=gathered)
+    export_model(lora_model_as_trained(workspace), workspace["processor"], str(tmp_path / "plain"))
+
+    for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        plain = safetensors.torch.load_file(tmp_path / "plain" / file)
+        exported = safetensors.torch.load_file(tmp_path / "gathered" / file)
+        assert sorted(exported) == sorted(plain), file
+        for name in plain:
+            assert torch.allclose(exported[name], plain[name], atol=1e-6), f"{file}: {name}"
+    _, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "gathered", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = lora_model_as_trained(workspace)
+    batch = workspace["batch"]()
+    with torch.no_grad():
+        assert torch.allclose(load_folder(tmp_path / "gathered")(**batch).logits, reference(**batch).logits, atol=1e-4)
 
 
 def test_encoder_learning_rate_zero_freezes_the_encoder_side_only(workspace, tmp_path):
