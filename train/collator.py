@@ -21,20 +21,34 @@ class TrainCollator:
     """Samples ({image_before, image_after, prompt, answer, index, ...}) -> model inputs with labels.
 
     With augmentation, sample `index` in epoch `epoch` (set by `EpochCallback`) is transformed with a generator seeded
-    from (seed, epoch, index): the same draw however the run is split into processes or interrupted."""
+    from (seed, epoch, index): the same draw however the run is split into processes or interrupted.
+
+    The epoch lives in shared memory: dataloader workers run their own copy of the collator, made when they start,
+    and persistent workers (`dataloader_persistent_workers`) start once for the whole run, so an epoch set as a
+    plain attribute in the main process would never reach them (every epoch would reuse epoch 0's draws)."""
 
     def __init__(self, processor, augment: str = "none", seed: int = 0):
         self.processor = processor
         self.augment = None if augment == "none" else PairedAugment(augment)
         self.seed = seed
-        self.epoch = 0
+        # a forked worker maps the same memory; a spawned one receives it through torch's shared-memory pickling
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def __call__(self, samples: list[dict]):
         pairs = []
+        epoch = self.epoch  # read once: one batch, one epoch
         for sample in samples:
             pair = open_pair(sample["image_before"], sample["image_after"])
             if self.augment is not None:
-                entropy = np.random.SeedSequence([self.seed, self.epoch, sample["index"]]).generate_state(1)[0]
+                entropy = np.random.SeedSequence([self.seed, epoch, sample["index"]]).generate_state(1)[0]
                 generator = torch.Generator().manual_seed(int(entropy))
                 pair = self.augment(*pair, text=sample["prompt"] + " " + sample["answer"], generator=generator)
             pairs.append(pair)

@@ -343,6 +343,35 @@ def test_gathered_state_dict_of_a_lora_model_exports_as_the_merged_model(workspa
         assert torch.allclose(load_folder(tmp_path / "gathered")(**batch).logits, reference(**batch).logits, atol=1e-4)
 
 
+def test_persistent_dataloader_workers_see_each_epoch(workspace, tmp_path, monkeypatch):
+    """paper.yaml keeps its workers for the whole run; their copies of the collator must still learn the epoch,
+    or the augmentation repeats epoch 0's draws in every epoch."""
+    import train.run_train
+    from train.collator import TrainCollator
+
+    log = tmp_path / "collated.txt"
+
+    class RecordingCollator(TrainCollator):
+        def __call__(self, samples):
+            with open(log, "a") as handle:  # written from the worker processes
+                handle.write(f"{os.getpid()} {self.epoch}\n")
+            return super().__call__(samples)
+
+    monkeypatch.setattr(train.run_train, "TrainCollator", RecordingCollator)
+    config = write_config(
+        tmp_path / "workers.yaml", workspace, tmp_path / "out",
+        training={"num_train_epochs": 2, "per_device_train_batch_size": 8, "save_strategy": "no",
+                  "dataloader_num_workers": 2, "dataloader_persistent_workers": True},
+        data={"augment": "crop", "val_split": None},
+    )
+    run_main(config, "--skip_export", "true")
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert all(int(pid) != os.getpid() for pid, _ in calls)  # the batches were made in the workers
+    epochs = [int(epoch) for _, epoch in calls]
+    steps_per_epoch = -(-len(training_samples(workspace)) // 8)  # the last batch may be short
+    assert epochs == [0] * steps_per_epoch + [1] * steps_per_epoch
+
+
 def test_encoder_learning_rate_zero_freezes_the_encoder_side_only(workspace, tmp_path):
     """`encoder_learning_rate: 0` (with LoRA, as the Nano demo trains after its warm-up): ViT, CSRM, Q-Former and
     queries keep their weights; the projection and the adapters train."""
