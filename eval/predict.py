@@ -30,7 +30,7 @@ import torch
 from processing.conversation import TASK_PROMPTS
 
 from eval.generation import PROMPT_FORMATS, GenerationSettings, append_lines, model_generation_config, read_lines
-from eval.imagery import ImageryError, ImageryWarning, parse_bands, read_pair, tile_pair
+from eval.imagery import MIN_IMAGE_SIDE, ImageryError, ImageryWarning, parse_bands, read_pair, tile_pair
 
 # --task names -> ChangeChat prompts; anything else is taken as a free prompt.
 TASKS = {
@@ -82,7 +82,7 @@ def load_model(model: str, device: str | None = None):
     path = Path(model).expanduser()
     if (model.startswith((".", "/", "~")) or path.exists()) and not (path / "config.json").is_file():
         raise PredictError(f"{model}: not a DeltaVLM model folder (no config.json)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     try:
         loaded = AutoModelForImageTextToText.from_pretrained(str(path) if path.exists() else model)
         processor = AutoProcessor.from_pretrained(str(path) if path.exists() else model)
@@ -92,6 +92,28 @@ def load_model(model: str, device: str | None = None):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PredictError(f"cannot load model {model}: {first_line}") from None
     return loaded.to(device).eval(), processor
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """--device -> a torch device this machine has (default: cuda if any, else cpu); a name torch does not know, or
+    an accelerator this torch build or machine lacks, is refused by name before the model loads."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise PredictError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }.get(chosen.type, lambda: True)  # other backends: torch says at .to() time
+    if not available():
+        raise PredictError(f"--device {device}: no {chosen.type} device here (this torch build or machine has none)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise PredictError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def task_prompt(task: str) -> str:
@@ -252,13 +274,15 @@ def quiet_transformers() -> None:
 def _check_arguments(args, batch: bool) -> None:
     if args.pairs is not None and args.list is not None:
         raise PredictError("give --pairs or --list, not both")
+    if args.batch_size < 1:
+        raise PredictError("--batch-size must be at least 1")
+    if args.tile is not None and args.tile < MIN_IMAGE_SIDE:  # 0 too: not read as "no tiling"
+        raise PredictError(f"--tile must be at least {MIN_IMAGE_SIDE} pixels, got {args.tile}")
     if batch:
         if args.before or args.after:
             raise PredictError("--before/--after and batch mode (--pairs/--list) exclude each other")
         if args.tile or args.heatmap:
             raise PredictError("--tile and --heatmap work on one pair (--before/--after), not in batch mode")
-        if args.batch_size < 1:
-            raise PredictError("--batch-size must be at least 1")
         return
     if not args.before and not args.after:
         raise PredictError("give --before and --after (or --pairs DIR / --list FILE for a batch)")

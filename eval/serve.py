@@ -13,6 +13,7 @@ Hugging Face telemetry are switched off, no share link is made, and the theme's 
 --max-upload-mb are refused. Errors (an unreadable file, a tiny image) show as a message; the app keeps running.
 """
 
+import math
 import os
 import sys
 import warnings
@@ -220,8 +221,10 @@ def run(args) -> int:
     examples = Path(args.examples).resolve() if args.examples else None
     if examples is not None and not ((examples / "A").is_dir() and (examples / "B").is_dir()):
         raise PredictError(f"--examples {args.examples}: expected subfolders A/ (before) and B/ (after)")
-    if args.max_upload_mb <= 0:
-        raise PredictError("--max-upload-mb must be positive")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise PredictError(f"--max-upload-mb must be a positive number, got {args.max_upload_mb}")
+    if not 0 <= args.port <= 65535:  # before the model loads, not when the server binds
+        raise PredictError(f"--port must lie in 0..65535, got {args.port}")
     bands = parse_bands(args.bands)
     model_path = resolve_model(args.model)
     settings = generation_settings(args, model_path)

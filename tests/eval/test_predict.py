@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import deltavlm_cli
@@ -201,6 +202,10 @@ def _corrupt(tmp_path):
         ("bad_bands", "--bands"),
         ("bad_model", "not a DeltaVLM model folder"),
         ("heatmap_folder", "does not exist"),
+        ("tile_zero", "--tile must be at least"),
+        ("batch_size_zero", "--batch-size must be at least 1"),
+        ("bad_device", "is not a torch device"),
+        ("absent_device", "no cuda device here" if not torch.cuda.is_available() else "CUDA device(s)"),
     ],
 )
 def test_bad_input_is_one_line(capsys, model_dir, pair, tmp_path, case, expected):
@@ -217,6 +222,14 @@ def test_bad_input_is_one_line(capsys, model_dir, pair, tmp_path, case, expected
         extra = ["--bands", "3,2"]
     elif case == "heatmap_folder":
         extra = ["--heatmap", tmp_path / "no" / "map.png"]
+    elif case == "tile_zero":
+        extra = ["--tile", "0"]
+    elif case == "batch_size_zero":
+        extra = ["--tile", "64", "--batch-size", "0"]
+    elif case == "bad_device":
+        extra = ["--device", "bogus"]
+    elif case == "absent_device":
+        extra = ["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"]
     args = ["--model", tmp_path if case == "bad_model" else model_dir, "--before", before, *extra, *FAST]
     if case != "only_before":
         args += ["--after", after]

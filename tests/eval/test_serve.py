@@ -127,7 +127,10 @@ def test_the_app_builds(analyst, synthetic_pairs):
     [
         (["--model", "/nonexistent/model"], "not a DeltaVLM model folder"),
         (["--examples", "/nonexistent"], "expected subfolders A/"),
-        (["--max-upload-mb", "0"], "must be positive"),
+        (["--max-upload-mb", "0"], "must be a positive number"),
+        (["--max-upload-mb", "nan"], "must be a positive number"),
+        (["--port", "70000"], "--port must lie in 0..65535"),
+        (["--device", "bogus"], "--device 'bogus' is not a torch device"),
     ],
 )
 def test_command_errors_are_one_line(capsys, model_dir, args, expected):
