@@ -47,7 +47,7 @@ class ChatSession:
 
     The transcript keeps every pair's conversation, including those left by /pair or /reset."""
 
-    def __init__(self, model, processor, settings, prompt_format="deltavlm", bands=None):
+    def __init__(self, model, processor, settings, prompt_format=None, bands=None):
         self.model, self.processor, self.settings = model, processor, settings
         self.prompt_format, self.bands = prompt_format, bands
         self.transcript: list[dict] = []  # [{"before", "after", "messages": [...]}, ...]

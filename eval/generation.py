@@ -109,6 +109,19 @@ class GenerationSettings:
         return {"generation_config": GenerationConfig(**config), **kwargs}
 
 
+def model_prompt_format(model: str) -> str:
+    """The prompt format a model folder's processor was trained with (`prompt_format` in processor_config.json),
+    without loading anything; "deltavlm" (the released checkpoint's) when the folder does not say."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(model, "processor_config.json", _raise_exceptions_for_missing_entries=False)
+        saved = json.loads(Path(path).read_text(encoding="utf-8")).get("prompt_format") if path else None
+    except (OSError, ValueError):
+        saved = None
+    return saved if saved in PROMPT_FORMATS else "deltavlm"
+
+
 def model_generation_config(model: str) -> GenerationConfig | None:
     """The generation_config.json of a model folder or Hub id, without loading the model; None if it has none."""
     try:
@@ -128,8 +141,9 @@ def conversation(record: dict, turn: int) -> list[dict]:
     return messages + [{"role": "user", "content": record["questions"][turn]}]
 
 
-def render_prompts(processor, record: dict, prompt_format: str = "deltavlm") -> list[str]:
-    """One prompt per round of `record`, rendered with the processor's chat template."""
+def render_prompts(processor, record: dict, prompt_format: str | None = None) -> list[str]:
+    """One prompt per round of `record`, rendered with the processor's chat template (`prompt_format` None: the
+    processor's own)."""
     return [
         processor.apply_chat_template(conversation(record, turn), prompt_format=prompt_format)
         for turn in range(len(record["questions"]))
@@ -149,7 +163,7 @@ def turn_references(record: dict, turn: int) -> list[str]:
 
 @torch.no_grad()
 def generate_batch(model, processor, records: list[dict], pending: list[set[int]], settings: GenerationSettings,
-                   prompt_format: str = "deltavlm") -> list[dict]:
+                   prompt_format: str | None = None) -> list[dict]:
     """Answer the pending turns of a batch of records; returns prediction lines (record order, then turn).
 
     pending[i]: the 0-based turns of records[i] still to generate (resume skips the others).
@@ -257,6 +271,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 __all__ = [
     "PROMPT_FORMATS",
+    "model_prompt_format",
     "GenerationSettings",
     "append_lines",
     "conversation",

@@ -139,7 +139,7 @@ def encode_pairs(model, processor, pairs) -> torch.Tensor:
 
 @torch.no_grad()
 def answer(model, processor, pair_embeds, conversations, settings: GenerationSettings,
-           prompt_format: str = "deltavlm") -> list[str]:
+           prompt_format: str | None = None) -> list[str]:
     """One answer per conversation ([{"role", "content"}, ...] ending with the question), row i about
     pair_embeds[i]. Prompts are rendered with the processor's chat template, as the model was trained."""
     prompts = [processor.apply_chat_template(messages, prompt_format=prompt_format) for messages in conversations]
@@ -151,7 +151,7 @@ def answer(model, processor, pair_embeds, conversations, settings: GenerationSet
     return processor.batch_decode(output_ids, prompt_length=prompt_length)
 
 
-def ask(model, processor, pair_embeds, question: str, settings: GenerationSettings, prompt_format="deltavlm") -> str:
+def ask(model, processor, pair_embeds, question: str, settings: GenerationSettings, prompt_format=None) -> str:
     """One question about one encoded pair (pair_embeds (1, 2*S, D))."""
     return answer(model, processor, pair_embeds, [[{"role": "user", "content": question}]], settings, prompt_format)[0]
 
@@ -178,8 +178,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"answer length cap (default: the model's, else {defaults.max_new_tokens})")
     parser.add_argument("--repetition-penalty", type=float,
                         help=f"(default: the model's, else {defaults.repetition_penalty})")
-    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="deltavlm",
-                        help="deltavlm: the training format (default); plain: the question verbatim")
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                        help="deltavlm: the released checkpoint's training format; plain: the question verbatim "
+                        "(default: the format the model was trained with, from its processor)")
     parser.add_argument("--static-cache", action="store_true",
                         help="pre-allocated KV cache; on CUDA the decoding step is then torch.compile'd "
                         "(~25 s once, then faster per answer: pays for many answers)")

@@ -49,6 +49,7 @@ from eval.generation import (
     generate_batch,
     line_key,
     model_generation_config,
+    model_prompt_format,
     read_lines,
     write_atomic,
 )
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="eval_output", help="output folder (default ./eval_output)")
     parser.add_argument("--batch-size", type=int, default=8, help="records per batch (per process)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records of each task")
-    parser.add_argument("--prompt-format", default="deltavlm", choices=PROMPT_FORMATS,
-                        help="deltavlm: the released checkpoint's training format (default); plain: the "
-                        "question verbatim, as the authors' evaluation scripts fed it")
+    parser.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS,
+                        help="deltavlm: the released checkpoint's training format; plain: the question verbatim, "
+                        "as the authors' evaluation scripts fed it (default: the format the model was trained "
+                        "with, saved in its processor_config.json; deltavlm where it says none)")
     generation = parser.add_argument_group(
         "generation (defaults: what the model's generation_config.json sets, else the authors' evaluation settings)")
     generation.add_argument("--num-beams", type=int, help=f"1 = greedy (authors: {defaults.num_beams})")
@@ -425,6 +427,7 @@ def evaluate(args, state: PartialState) -> int:
     if args.protocol == "coco" and not java_available():  # before generating, not after
         raise EvalError("--protocol coco runs the Stanford PTB tokenizer and needs `java` on PATH")
     check_model_folder(args.model)
+    args.prompt_format = args.prompt_format or model_prompt_format(args.model)
     settings = settings_from_args(args)
     image_root = resolve_image_root(args.data, args.image_root)
     records, sources = load_eval_records(args.data, image_root, args.task, args.split, args.limit)

@@ -54,7 +54,7 @@ class PairAnalyst:
     """What the app's callbacks need: the model, the settings, and how to turn files into a pair and answers.
     Each method returns values for the UI and a status message, and never raises for bad input."""
 
-    def __init__(self, model, processor, settings, prompt_format="deltavlm", bands=None, max_upload_mb=20.0,
+    def __init__(self, model, processor, settings, prompt_format=None, bands=None, max_upload_mb=20.0,
                  examples: Path | None = None):
         self.model, self.processor, self.settings = model, processor, settings
         self.prompt_format, self.bands = prompt_format, bands

@@ -52,6 +52,7 @@ DELTAVLM_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+PROMPT_FORMATS = ("deltavlm", "plain")
 IMAGE_TOKEN = IMAGE_PLACEHOLDER  # the text placeholder is also the added token whose id marks the query positions
 
 
@@ -77,6 +78,7 @@ class DeltaVLMProcessor(ProcessorMixin):
         llm_prompt_prefix: str = "",
         llm_prompt_suffix: str = "",
         chat_template: str | None = None,
+        prompt_format: str = "deltavlm",
         **kwargs,
     ):
         if tokenizer is not None and IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -89,6 +91,10 @@ class DeltaVLMProcessor(ProcessorMixin):
         # training and inference alike.
         self.llm_prompt_prefix = llm_prompt_prefix
         self.llm_prompt_suffix = llm_prompt_suffix
+        # The prompt format the model was trained with, saved with the processor: `apply_chat_template` and the
+        # CLIs use it unless told otherwise, so a model trained on bare questions is not asked in another format
+        # (the authors evaluated with prompts that differed from their training prompts).
+        self.prompt_format = _checked_prompt_format(prompt_format)
         super().__init__(
             image_processor,
             tokenizer,
@@ -309,12 +315,12 @@ class DeltaVLMProcessor(ProcessorMixin):
 
     # --- chat and decoding ---
 
-    def apply_chat_template(self, conversation, chat_template=None, prompt_format: str = "deltavlm", **kwargs):
+    def apply_chat_template(self, conversation, chat_template=None, prompt_format: str | None = None, **kwargs):
         """Render a conversation ([{"role": "user"|"assistant", "content": ...}, ...] ending with the question)
         or a batch of them into prompt strings. `prompt_format`: "deltavlm" (the released checkpoint's
-        training format) or "plain" (the last question verbatim)."""
-        if prompt_format not in ("deltavlm", "plain"):
-            raise ValueError(f"prompt_format must be 'deltavlm' or 'plain', got {prompt_format!r}")
+        training format) or "plain" (the last question verbatim); default: the processor's `prompt_format`,
+        the format the model was trained with."""
+        prompt_format = _checked_prompt_format(self.prompt_format if prompt_format is None else prompt_format)
         batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
         for index, messages in enumerate(conversation if batched else [conversation]):
             try:  # the template itself would render a missing turn or an empty conversation without a word
@@ -341,6 +347,12 @@ class DeltaVLMProcessor(ProcessorMixin):
 
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs):
         return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs).strip()
+
+
+def _checked_prompt_format(prompt_format: str) -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    return prompt_format
 
 
 def _without_image_placeholders(texts: list[str]) -> list[str]:

@@ -117,6 +117,7 @@ def main(argv=None, callbacks=()) -> int:
         state_dict = None
         if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:  # collective: every process takes part
             state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        processor.prompt_format = data_args.template  # inference then asks in the format the model learned
         if training_args.should_save:
             path = export_model(trainer.model, processor, export_dir, dtype=export_dtype(export_args, training_args),
                                 merge_lora=export_args.merge_lora, state_dict=state_dict,

@@ -236,3 +236,22 @@ def test_long_prompts_keep_llm_prompt_prefix_and_suffix(tiny_processor, sample_p
         assert ids[:5] == [501] * 4 + [2] and len(prompt_ids) == 31  # max_prompt_tokens with bos
         assert prompt_ids[: len(prefix_ids)] == prefix_ids and prompt_ids[-len(suffix_ids) :] == suffix_ids
         assert tokenizer.decode(prompt_ids[: -len(suffix_ids)]).endswith("how many roads changed")
+
+
+def test_the_trained_prompt_format_is_saved_and_used_by_default(tiny_processor, tmp_path):
+    """A model trained on bare questions is asked bare questions unless told otherwise; the folder says which."""
+    from eval.generation import model_prompt_format
+
+    question = [{"role": "user", "content": "What is new?"}]
+    assert tiny_processor.prompt_format == "deltavlm" and model_prompt_format(str(tmp_path)) == "deltavlm"
+    tiny_processor.prompt_format = "plain"
+    try:
+        tiny_processor.save_pretrained(tmp_path)
+    finally:
+        tiny_processor.prompt_format = "deltavlm"
+    reloaded = type(tiny_processor).from_pretrained(tmp_path)
+    assert reloaded.prompt_format == "plain" and model_prompt_format(str(tmp_path)) == "plain"
+    assert reloaded.apply_chat_template(question) == "What is new?"
+    assert reloaded.apply_chat_template(question, prompt_format="deltavlm") == "q what is new?"
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        reloaded.apply_chat_template(question, prompt_format="chatml")

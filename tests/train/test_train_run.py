@@ -233,6 +233,15 @@ def test_resume_continues_bit_for_bit(workspace, tmp_path):
     assert state["epoch"] == pytest.approx(14 / -(-num_samples // 4))
 
 
+def test_the_export_records_the_training_template(workspace, tmp_path):
+    from eval.generation import model_prompt_format
+
+    output_dir = tmp_path / "plain"
+    run_main(write_config(tmp_path / "plain.yaml", workspace, output_dir, training={"max_steps": 1},
+                          data={"template": "plain"}))
+    assert model_prompt_format(str(output_dir / "final")) == "plain"
+
+
 # --- 4: LoRA ---
 
 
