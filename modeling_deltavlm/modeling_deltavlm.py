@@ -342,7 +342,8 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
             vision_outputs = self.get_pair_embeds(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
             pair_embeds = vision_outputs.pair_embeds
         else:
-            if pair_embeds.ndim != 3 or pair_embeds.shape[-1] != self.config.vision_config.hidden_size:
+            if (pair_embeds.ndim != 3 or pair_embeds.shape[-1] != self.config.vision_config.hidden_size
+                    or pair_embeds.shape[1] % 2):  # the two images' token sequences, concatenated
                 raise ValueError(
                     f"pair_embeds must have shape (batch_size, 2 * tokens_per_image, {self.config.vision_config.hidden_size}),"
                     f" got {tuple(pair_embeds.shape)}"
@@ -521,6 +522,16 @@ class DeltaVLMForConditionalGeneration(DeltaVLMPreTrainedModel, GenerationMixin)
     ) -> torch.FloatTensor:
         """Token embeddings (B, T, H) with the projected queries written over the image placeholders."""
         image_mask = input_ids == self.config.image_token_id  # (B, T)
+        vocab_size = self.get_input_embeddings().num_embeddings
+        outside = input_ids.masked_fill(image_mask, 0)
+        if outside.numel() and (outside.max() >= vocab_size or outside.min() < 0):
+            # an IndexError deep in the embedding otherwise; the usual cause is a processor and a model that
+            # disagree on the image placeholder's id
+            raise ValueError(
+                f"input_ids hold id {int(outside.max() if outside.max() >= vocab_size else outside.min())} outside the "
+                f"language model's vocabulary ({vocab_size}) that is not the image token (config.image_token_id = "
+                f"{self.config.image_token_id}); is the processor's image_token_id the model's?"
+            )
         # The placeholder id may lie outside the language model's vocabulary: look up a valid id there
         # instead; those rows are overwritten below anyway.
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))

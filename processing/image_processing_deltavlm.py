@@ -117,6 +117,8 @@ class DeltaVLMImageProcessor(PilBackend):
             for which, image in zip(("before", "after"), pair):
                 name = f"pair {index}, {which} image" + (f" {image}" if isinstance(image, (str, os.PathLike)) else "")
                 image = load_image(image)
+                if isinstance(image, torch.Tensor) and image.dtype in (torch.bfloat16, torch.float16):
+                    image = image.float()  # the numpy-based resize/normalise backend has no bfloat16
                 _check_image_size(image, name)
                 flat.append(image)
         if kwargs.get("do_rescale", self.do_rescale) and any(_looks_rescaled(image) for image in flat):

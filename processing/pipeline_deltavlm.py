@@ -82,7 +82,7 @@ class BitemporalImageTextToTextPipeline(Pipeline):
             forward_params["generate_kwargs"] = generate_kwargs
         return preprocess_params, forward_params, {}
 
-    def preprocess(self, inputs, prompt_format="deltavlm"):
+    def preprocess(self, inputs, prompt_format=None):  # None: the processor's (the format the model learned)
         before, after, messages = _unpack(inputs)
         prompt = self.processor.apply_chat_template(messages, prompt_format=prompt_format)
         model_inputs = self.processor(images=[(before, after)], text=[prompt])
@@ -93,12 +93,19 @@ class BitemporalImageTextToTextPipeline(Pipeline):
         prompt_length = model_inputs["input_ids"].shape[1]
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
         output_ids = self.model.generate(**model_inputs, **generate_kwargs)
-        return {"output_ids": output_ids[:, prompt_length:], "messages": messages}
+        # (B * n, T) -> (B, n, T): the pipeline's unbatching then hands each pair its n answers
+        batch_size = model_inputs["input_ids"].shape[0]
+        output_ids = output_ids[:, prompt_length:].reshape(batch_size, -1, output_ids.shape[1] - prompt_length)
+        return {"output_ids": output_ids, "messages": messages}
 
     def postprocess(self, model_outputs):
-        answer = self.processor.batch_decode(model_outputs["output_ids"])[0]
-        messages = [*model_outputs["messages"], {"role": "assistant", "content": answer}]
-        return {"generated_text": answer, "messages": messages}
+        """One answer: {"generated_text", "messages"}; with num_return_sequences=n > 1, a list of n of them."""
+        output_ids = model_outputs["output_ids"]
+        answers = self.processor.batch_decode(output_ids.reshape(-1, output_ids.shape[-1]))
+        results = [{"generated_text": answer, "messages": [*model_outputs["messages"],
+                                                           {"role": "assistant", "content": answer}]}
+                   for answer in answers]
+        return results[0] if len(results) == 1 else results
 
 
 def collate_pairs(items: list[dict], processor) -> dict:
@@ -153,6 +160,9 @@ def _unpack(inputs) -> tuple:
         messages = [{"role": "user", "content": inputs["prompt"]}]
     else:
         messages = list(inputs["messages"])
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(f"'messages'[{index}] must be a dict with 'role' and 'content', got {message!r}")
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("'messages' must end with a user message (the question to answer)")
     return inputs["before"], inputs["after"], messages

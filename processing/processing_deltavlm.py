@@ -53,6 +53,9 @@ DELTAVLM_CHAT_TEMPLATE = (
 )
 
 PROMPT_FORMATS = ("deltavlm", "plain")
+# Tokenizer call options a user may pass out of habit; the processor decides them itself.
+TOKENIZER_OPTIONS = frozenset({"padding", "truncation", "max_length", "padding_side", "add_special_tokens",
+                               "return_attention_mask", "pad_to_multiple_of"})
 IMAGE_TOKEN = IMAGE_PLACEHOLDER  # the text placeholder is also the added token whose id marks the query positions
 
 
@@ -129,6 +132,12 @@ class DeltaVLMProcessor(ProcessorMixin):
         """
         if return_tensors != "pt":
             raise ValueError("DeltaVLMProcessor returns PyTorch tensors only (return_tensors='pt')")
+        text_options = sorted(TOKENIZER_OPTIONS.intersection(kwargs))
+        if text_options:  # they would reach the image processor and fail there with a confusing TypeError
+            raise ValueError(
+                f"DeltaVLMProcessor does not take {', '.join(text_options)}: it pads (left for generation, right for "
+                "training) and truncates to max_prompt_tokens / max_answer_tokens itself; set those on the processor"
+            )
         if text is None:
             raise ValueError("text is required: one prompt per image pair")
         if not isinstance(text, (str, list, tuple)):
@@ -147,6 +156,9 @@ class DeltaVLMProcessor(ProcessorMixin):
             encoding.update(self._encode_prompts(prompts))
         else:
             targets = [answers] if isinstance(answers, str) else list(answers)
+            bad = next((i for i, target in enumerate(targets) if not isinstance(target, str)), None)
+            if bad is not None:
+                raise ValueError(f"answers[{bad}] must be a string, got {type(targets[bad]).__name__}")
             if len(targets) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(targets)} answers: give one answer per prompt")
             targets = _without_image_placeholders(targets)

@@ -288,3 +288,15 @@ def test_remote_code_loads_without_the_package(tmp_path, tiny_model, tiny_proces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert "REMOTE OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_inputs_the_model_cannot_read_are_named(tiny_model, batch):
+    inputs = {key: value for key, value in batch.items() if key != "pixel_values"}
+    pair_embeds = tiny_model.get_pair_embeds(batch["pixel_values"]).pair_embeds
+    with pytest.raises(ValueError, match="pair_embeds must have shape"):  # not two images' tokens
+        tiny_model(**inputs, pair_embeds=pair_embeds[:, 1:])
+    # a processor whose image placeholder is not the model's: its id lies outside the vocabulary
+    vocab_size = tiny_model.get_input_embeddings().num_embeddings
+    wrong_ids = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_model.config.image_token_id, vocab_size + 7)
+    with pytest.raises(ValueError, match=f"id {vocab_size + 7} outside the language model's vocabulary"):
+        tiny_model(**{**batch, "input_ids": wrong_ids})

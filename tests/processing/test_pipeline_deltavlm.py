@@ -93,6 +93,7 @@ def test_list_input_gives_one_result_per_item(pipe, pair, tmp_path):
         ({"before": "a.png", "after": "b.png", "prompt": "x", "messages": []}, "exactly one of 'prompt'"),
         ({"before": "a.png", "after": "b.png", "messages": [{"role": "assistant", "content": "x"}]}, "end with a user"),
         ("a.png", "takes a dict"),
+        ({"before": "a.png", "after": "b.png", "messages": ["hi"]}, r"'messages'\[0\] must be a dict"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, inputs, message):
@@ -120,3 +121,12 @@ def test_collate_gives_the_processors_batch_layout(pipe, sample_pairs):
     for key in expected:
         assert torch.equal(batch[key], expected[key]), key
     assert batch["messages"] == [item["messages"] for item in items]
+
+
+def test_several_return_sequences_come_back_as_a_list(pipe, pair):
+    question = {"before": pair[0], "after": pair[1], "prompt": "What changed?"}
+    results = pipe(question, num_beams=3, num_return_sequences=3, max_new_tokens=3)
+    assert isinstance(results, list) and len(results) == 3
+    assert all(r["messages"][-1] == {"role": "assistant", "content": r["generated_text"]} for r in results)
+    best = pipe(question, num_beams=3, max_new_tokens=3)  # the top beam is the single answer
+    assert results[0]["generated_text"] == best["generated_text"]

@@ -255,3 +255,17 @@ def test_the_trained_prompt_format_is_saved_and_used_by_default(tiny_processor, 
     assert reloaded.apply_chat_template(question, prompt_format="deltavlm") == "q what is new?"
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         reloaded.apply_chat_template(question, prompt_format="chatml")
+
+
+def test_tokenizer_options_and_non_text_answers_are_named(tiny_processor, sample_pairs):
+    with pytest.raises(ValueError, match="does not take padding, truncation"):
+        tiny_processor(images=sample_pairs[:1], text=["q"], padding="longest", truncation=True)
+    with pytest.raises(ValueError, match=r"answers\[1\] must be a string, got NoneType"):
+        tiny_processor(images=sample_pairs[:2], text=["q", "q"], answers=["a", None])
+
+
+def test_half_precision_tensor_images_are_read(tiny_processor):
+    image = torch.randint(0, 256, (3, 40, 40)).float()  # whole numbers: exact in bf16 and fp16
+    expected = tiny_processor.image_processor([(image, image)])["pixel_values"]
+    half = tiny_processor.image_processor([(image.bfloat16(), image.half())])["pixel_values"]
+    torch.testing.assert_close(half, expected, atol=0, rtol=0)
