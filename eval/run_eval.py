@@ -221,7 +221,8 @@ def check_images(records: list[dict]) -> None:
     if missing:
         shown = "\n  ".join(missing[:MISSING_SHOWN])
         more = f"\n  ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        raise EvalError(f"{len(missing)} image files not found (check --image-root):\n  {shown}{more}")
+        raise EvalError(f"{len(missing)} image files not found or not readable as images (check --image-root):"
+                        f"\n  {shown}{more}")
 
 
 # ---------------------------------------------------------------------------------------------

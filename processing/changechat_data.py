@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import datasets
+from PIL import Image
 
 from .conversation import TASK_PROMPTS, conversation_to_rounds, task_of_question
 
@@ -157,9 +158,25 @@ def load_records(annotations, image_root=None, task: str | None = None, split: s
 
 
 def missing_images(records: datasets.Dataset) -> list[str]:
-    """Paths of the records' images that do not exist on disk (checked before any compute is spent)."""
+    """Paths of the records' images that do not exist on disk or cannot be read as images (an empty file, or one
+    whose header PIL does not know), checked before any compute is spent: otherwise a run stops at the first
+    batch that holds one, possibly hours in."""
     paths = set(records["image_before"]) | set(records["image_after"])
-    return sorted(path for path in paths if not Path(path).is_file())
+    return sorted(path for path in paths if not _readable_image(Path(path)))
+
+
+def _readable_image(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return True  # multi-band GeoTIFFs are read by tifffile, not PIL: left to the reader
+    try:
+        with Image.open(path):  # reads the header only
+            return True
+    except Image.DecompressionBombError:
+        return True  # a header, just a huge one: the reader refuses it with its own message
+    except (OSError, ValueError):
+        return False
 
 
 def is_unchanged_caption_set(references: list[str]) -> bool:

@@ -91,7 +91,8 @@ def check_images(records: datasets.Dataset, skip_missing: bool, what: str) -> da
     if not skip_missing:
         listed = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
         raise FileNotFoundError(
-            f"{len(missing)} {what} image file(s) not found (set data.skip_missing_images to drop their records):\n  {listed}"
+            f"{len(missing)} {what} image file(s) not found or not readable as images (set data.skip_missing_images "
+            f"to drop their records):\n  {listed}"
         )
     missing = set(missing)
     keep = [

@@ -281,3 +281,24 @@ def test_dialogue_image_swap_moves_only_closing_rounds_to_another_pairs_images(t
     assert sum(everything["image_before"][i] != samples["image_before"][i] for i in closing) >= 20
     with pytest.raises(ValueError, match="dialogue_image_swap"):
         swap_closing_round_images(samples, 1.5)
+
+
+def test_unreadable_images_are_found_before_training(tmp_path, shared_dir):
+    """An empty or corrupt file passes an existence check and would stop the run at its first batch."""
+    import shutil
+
+    from train.data import load_train_records
+
+    root = tmp_path / "images"
+    for side in ("A", "B"):
+        (root / "train" / side).mkdir(parents=True)
+        shutil.copy(IMAGES / "train" / side / "train_000016.png", root / "train" / side / "good.png")
+    (root / "train" / "A" / "empty.png").write_bytes(b"")
+    (root / "train" / "B" / "empty.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a png" * 8)
+    records = [dialogue("ok", pair=("train/A/good.png", "train/B/good.png")),
+               dialogue("bad", pair=("train/A/empty.png", "train/B/empty.png"))]
+    args = data_args(image_root=str(root), train_files=[write_records(tmp_path / "train.json", records)])
+    with pytest.raises(FileNotFoundError, match=r"2 training image file\(s\) not found or not readable[\s\S]*empty\.png"):
+        load_train_records(args)
+    args.skip_missing_images = True
+    assert load_train_records(args)["id"] == ["ok"]
