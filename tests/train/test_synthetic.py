@@ -128,15 +128,32 @@ def test_changes_stand_out_from_the_nuisances(variation):
             assert diff[pair.mask > 0].mean() > 1.5 * diff[pair.mask == 0].mean(), seed
 
 
+def assert_masks_match_metadata(folder: Path) -> None:
+    """Every saved mask has one blob per changed object, and the annotated cells are the mask's."""
+    meta = load(folder / "metadata.json")
+    min_pixels = max(1, round(12 * (meta["args"]["size"] / 256) ** 2))
+    for entry in meta["pairs"]:
+        mask = read_png(folder / "images" / entry["split"] / "label" / entry["filename"])
+        assert mask.dtype == np.uint8 and mask.ndim == 2
+        name = entry["filename"]
+        assert count_blobs(mask == 128) == entry["roads_added"] + entry["roads_removed"] == entry["roads_changed"], name
+        assert count_blobs(mask == 255) == entry["buildings_changed"], name
+        assert cells_of(mask == 128, min_pixels) == entry["road_cells"], name
+        assert cells_of(mask == 255, min_pixels) == entry["building_cells"], name
+
+
 def test_written_masks_match_metadata(dataset):
     meta = load(dataset / "metadata.json")
     assert meta["seed"] == 11 and len(meta["pairs"]) == 30
-    for entry in meta["pairs"]:
-        mask = read_png(dataset / "images" / entry["split"] / "label" / entry["filename"])
-        assert mask.dtype == np.uint8 and mask.ndim == 2
-        assert count_blobs(mask == 128) == entry["roads_added"] + entry["roads_removed"] == entry["roads_changed"]
-        assert count_blobs(mask == 255) == entry["buildings_changed"]
-        assert cells_of(mask == 128) == entry["road_cells"] and cells_of(mask == 255) == entry["building_cells"]
+    assert_masks_match_metadata(dataset)
+
+
+@pytest.mark.parametrize("seed, size", [(1, 256), (11, 256), (13, 256), (0, 64), (1, 128)])
+def test_each_changed_object_is_one_blob_when_every_pair_changes(tmp_path, seed, size):
+    """Changed roads that leave their parent beside a crossing once left a sliver cut off by the unchanged roads
+    (pairs (11, 80), (13, 23)), and two new spurs could touch (pair (1, 21)): checked on every pair, all changed."""
+    write_dataset(tmp_path, num_pairs=100, seed=seed, size=size, splits="train=1", change_probability=1.0)
+    assert_masks_match_metadata(tmp_path)
 
 
 def test_encode_png_round_trips():

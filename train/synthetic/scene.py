@@ -8,8 +8,9 @@ Everything is placed in *canvas* coordinates. The canvas is the image plus a bor
 
 Placement keeps objects apart (an occupancy map with a small gap): trees never cover a road or a
 building, buildings never touch each other or a road, and a changed road never crosses another road
-except where it branches off. That keeps the ground truth exact: a changed object is exactly one
-connected blob of its value in the change mask.
+except where it branches off, and is kept only if its part of the change mask is one blob of its own.
+That keeps the ground truth exact: a changed object is exactly one connected blob of its value in the
+change mask.
 """
 
 import math
@@ -180,6 +181,42 @@ def draw_road(draw: ImageDraw.ImageDraw, road: Road, fill: int, width: int) -> N
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
 
 
+def count_blobs(mask: np.ndarray) -> int:
+    """Number of 8-connected components of a boolean mask.
+
+    Union-find over the horizontal runs of each row: the Python loop visits runs (a few per row of a
+    road), not pixels, so checking a candidate road costs well under a millisecond.
+    """
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)  # row-major order, so the i-th start and i-th end form a run
+    ends = np.nonzero(step == -1)[1]  # one past the run's last pixel
+    rows, starts, ends = rows.tolist(), starts.tolist(), ends.tolist()
+    parent = list(range(len(rows)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    components, previous, current, current_row = len(rows), [], [], None
+    for i, row in enumerate(rows):
+        if row != current_row:
+            previous = current if current_row == row - 1 else []
+            current, current_row = [], row
+        for j in previous:
+            # Runs [s, e) on adjacent rows touch 8-connectedly when they overlap or meet at a corner.
+            if starts[j] <= ends[i] and starts[i] <= ends[j]:
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[a] = b
+                    components -= 1
+        current.append(i)
+    return components
+
+
 def rasterize_road(road: Road, canvas: int, extra: int = 0) -> np.ndarray:
     image = Image.new("L", (canvas, canvas), 0)
     draw_road(ImageDraw.Draw(image), road, 255, road.footprint_width + 2 * extra)
@@ -211,6 +248,27 @@ class _Placer:
         n = layout.canvas
         self.occupied = np.zeros((n, n), bool)  # everything placed, dilated by its gap
         self.road_pixels = np.zeros((n, n), bool)  # undilated road footprints
+        self.unchanged_road_pixels = np.zeros((n, n), bool)  # the same, of the roads in both images
+        self.changed_road_pixels = np.zeros((n, n), bool)  # and of the roads only in A or only in B
+        self.num_changed_roads = 0
+
+    def add_road(self, road: Road, footprint: np.ndarray) -> None:
+        self.layout.roads.append(road)
+        self.road_pixels |= footprint
+        if road.presence == BOTH:
+            self.unchanged_road_pixels |= footprint
+        else:
+            self.changed_road_pixels |= footprint
+            self.num_changed_roads += 1
+        self.occupied |= rasterize_road(road, self.layout.canvas, extra=2)
+
+    def changed_road_label(self, candidate: np.ndarray) -> np.ndarray:
+        """The changed roads' pixels of the change mask, in the image frame, with a candidate footprint added:
+        changed footprints minus the unchanged roads' footprints, as render.change_labels draws them. Exact
+        once every unchanged road is placed, which build_layout does before any changed one."""
+        m, size = self.layout.margin, self.layout.size
+        label = (self.changed_road_pixels | candidate) & ~self.unchanged_road_pixels
+        return label[m : m + size, m : m + size]
 
     def inside_frame(self, corners: list, inset: float = 2.0) -> bool:
         lo = self.layout.margin + inset
@@ -313,9 +371,13 @@ def _try_add_spur(rng, layout: Layout, placer: _Placer, presence: str, attempts:
         sx, sy = road.points[0]
         if len(xs) and np.hypot(xs - sx, ys - sy).max() > near_start:
             continue
-        layout.roads.append(road)
-        placer.road_pixels |= footprint
-        placer.occupied |= rasterize_road(road, n, extra=2)
+        if presence != BOTH:
+            # Where the spur leaves its parent near a crossing of two unchanged roads, erasing those roads from its
+            # label can cut off a sliver (a second blob, and maybe a wrong grid cell); two changed spurs can touch
+            # and merge into one blob. Keep only candidates that leave each changed road exactly one blob.
+            if count_blobs(placer.changed_road_label(footprint)) != placer.num_changed_roads + 1:
+                continue
+        placer.add_road(road, footprint)
         return True
     return False
 
@@ -329,9 +391,7 @@ def _add_main_roads(rng, layout: Layout, placer: _Placer, count: int) -> None:
             # Two main roads may cross, but must not run on top of each other.
             if (footprint & placer.road_pixels).sum() > 4 * road.footprint_width**2:
                 continue
-            layout.roads.append(road)
-            placer.road_pixels |= footprint
-            placer.occupied |= rasterize_road(road, n, extra=2)
+            placer.add_road(road, footprint)
             break
 
 
