@@ -156,6 +156,24 @@ def test_each_changed_object_is_one_blob_when_every_pair_changes(tmp_path, seed,
     assert_masks_match_metadata(tmp_path)
 
 
+@pytest.mark.parametrize("size, pairs", [(64, 200), (256, 300)])
+def test_change_probability_one_changes_every_pair_and_zero_none(tmp_path, size, pairs):
+    """Probability 1 once left pairs unchanged when no planned change could be placed (17 of 200 at 64 px, pair
+    (0, 235) at 256 px): every pair must show a change, one blob per changed object."""
+    write_dataset(tmp_path / "all", num_pairs=pairs, seed=0, size=size, splits="train=1", change_probability=1.0)
+    entries = load(tmp_path / "all" / "metadata.json")["pairs"]
+    assert [entry["filename"] for entry in entries if not entry["changeflag"]] == []
+    for entry in entries:
+        assert read_png(tmp_path / "all" / "images" / "train" / "label" / entry["filename"]).any(), entry["filename"]
+    assert_masks_match_metadata(tmp_path / "all")
+
+    write_dataset(tmp_path / "none", num_pairs=pairs // 4, seed=0, size=size, splits="train=1", change_probability=0.0)
+    entries = load(tmp_path / "none" / "metadata.json")["pairs"]
+    assert [entry["filename"] for entry in entries if entry["changeflag"]] == []
+    for entry in entries:
+        assert not read_png(tmp_path / "none" / "images" / "train" / "label" / entry["filename"]).any(), entry["filename"]
+
+
 def test_encode_png_round_trips():
     rgb = np.random.default_rng(0).integers(0, 256, (17, 23, 3), dtype=np.uint8)
     grey = rgb[..., 0].copy()

@@ -29,6 +29,7 @@ TERRAINS = ("grass", "bare", "desert", "mixed")
 MIN_BUILDING_SIDE = 12.0
 BUILDING_GAP = 3  # px of clear ground kept around every building (also keeps changed ones apart)
 ROAD_GAP = 3  # px of clear ground kept between a spur road and any road it does not branch from
+CHANGE_ATTEMPTS = 60  # placement tries of a planned change (scenery gets 12 per road, 25 per building)
 
 
 @dataclass
@@ -359,7 +360,9 @@ def _try_add_spur(rng, layout: Layout, placer: _Placer, presence: str, attempts:
         road = _spur_road(rng, layout, parent, presence)
         footprint = rasterize_road(road, n)
         frame = footprint[layout.margin : layout.margin + layout.size, layout.margin : layout.margin + layout.size]
-        if frame.sum() < 40 * road.footprint_width:  # too little of it is visible
+        # Too little of it is visible: 40 lengths of its width at 256 px, scaled with the image's side (a fixed
+        # threshold rejected every dead-end spur at 64 px, where they are at most ~33 px long).
+        if frame.sum() < 40 * layout.scale * road.footprint_width:
             continue
         if road.cul_de_sac and not placer.inside_frame([road.points[-1]], inset=road.width * 1.5):
             continue
@@ -491,6 +494,29 @@ def _add_trees(rng, layout: Layout, placer: _Placer) -> None:
         placer.occupy_disc(x, y, r * 0.6)  # canopies may overlap each other a little, like real crowns
 
 
+def _add_fallback_change(rng, layout: Layout, placer: _Placer) -> None:
+    """One change that fits in any scene, for a changed pair none of whose planned changes could be placed:
+    a new building, else a demolished one, else the smallest building at the first free spot of a scan."""
+    after_roads = [r for r in layout.roads if r.presence != ONLY_A]
+    if _try_add_building(rng, layout, placer, after_roads, ONLY_B, attempts=200):
+        return
+    existing = [b for b in layout.buildings if b.presence == BOTH]
+    if existing:
+        existing[int(rng.integers(len(existing)))].presence = ONLY_A
+        return
+    side = MIN_BUILDING_SIDE * layout.scale
+    low, high = layout.margin + side, layout.margin + layout.size - side
+    for cy in np.arange(low, high, side / 2):
+        for cx in np.arange(low, high, side / 2):
+            corners = rectangle_corners(float(cx), float(cy), side, side, 0.0)
+            if placer.inside_frame(corners) and placer.polygon_is_free(corners):
+                building = Building(corners, _roof_colour(rng), False, 3 * layout.scale, ONLY_B)
+                layout.buildings.append(building)
+                placer.occupy_polygon(grow_polygon(corners, BUILDING_GAP))
+                return
+    raise RuntimeError("no room for a single building in the scene")  # roads and water cover the whole frame
+
+
 def build_layout(rng: np.random.Generator, size: int, plan: ChangePlan) -> Layout:
     angle = rng.uniform(0, 2 * math.pi)
     terrain = str(rng.choice(TERRAINS, p=[0.35, 0.3, 0.1, 0.25]))
@@ -507,10 +533,12 @@ def build_layout(rng: np.random.Generator, size: int, plan: ChangePlan) -> Layou
     _add_main_roads(rng, layout, placer, main_roads)
     for _ in range(int(rng.integers(0, 3))):
         _try_add_spur(rng, layout, placer, BOTH)
+    # A planned change gets more tries than scenery. The first tries draw what they always drew, so a pair that
+    # placed its change at once is unchanged by the extra ones.
     for _ in range(plan.roads_added):
-        _try_add_spur(rng, layout, placer, ONLY_B)
+        _try_add_spur(rng, layout, placer, ONLY_B, attempts=CHANGE_ATTEMPTS)
     for _ in range(plan.roads_removed):
-        _try_add_spur(rng, layout, placer, ONLY_A)
+        _try_add_spur(rng, layout, placer, ONLY_A, attempts=CHANGE_ATTEMPTS)
     if rng.random() < 0.35:
         _add_pond(rng, layout, placer)
 
@@ -522,7 +550,7 @@ def build_layout(rng: np.random.Generator, size: int, plan: ChangePlan) -> Layou
     new_roads = [r for r in layout.roads if r.presence == ONLY_B]
     after_roads = new_roads or [r for r in layout.roads if r.presence != ONLY_A]
     for _ in range(plan.buildings_added):
-        _try_add_building(rng, layout, placer, after_roads, ONLY_B)
+        _try_add_building(rng, layout, placer, after_roads, ONLY_B, attempts=CHANGE_ATTEMPTS)
 
     # Demolitions: existing houses vanish; build extra ones to demolish if the scene has too few.
     existing = [b for b in layout.buildings if b.presence == BOTH]
@@ -530,7 +558,12 @@ def build_layout(rng: np.random.Generator, size: int, plan: ChangePlan) -> Layou
     for k in sorted(int(i) for i in picked):
         existing[k].presence = ONLY_A
     for _ in range(plan.buildings_removed - len(picked)):
-        _try_add_building(rng, layout, placer, both_roads, ONLY_A)
+        _try_add_building(rng, layout, placer, both_roads, ONLY_A, attempts=CHANGE_ATTEMPTS)
+
+    # A pair drawn as changed must show a change (--change-probability 1 means every pair), even when the
+    # scene left no room for what was planned.
+    if plan.total and all(obj.presence == BOTH for obj in layout.roads + layout.buildings):
+        _add_fallback_change(rng, layout, placer)
 
     _add_trees(rng, layout, placer)
     return layout
