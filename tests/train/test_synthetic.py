@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import deltavlm_cli
 from processing.conversation import GRID_CELLS, TASK_PROMPTS, conversation_to_rounds
@@ -172,6 +172,35 @@ def test_change_probability_one_changes_every_pair_and_zero_none(tmp_path, size,
     assert [entry["filename"] for entry in entries if entry["changeflag"]] == []
     for entry in entries:
         assert not read_png(tmp_path / "none" / "images" / "train" / "label" / entry["filename"]).any(), entry["filename"]
+
+
+def test_trees_are_counted_only_when_they_are_in_the_picture(tmp_path):
+    """Trees are scattered over the canvas, margin included: pairs (0, 35) and (0, 248) at 64 px counted trees with
+    no pixel in the image, and (0, 248) answered "Yes" to "Are there any trees in the scene?". The oracle redraws
+    each tree of the pair's layout alone."""
+    from train.synthetic.scene import build_layout, choose_change_plan
+
+    write_dataset(tmp_path, num_pairs=250, seed=0, size=64, splits="train=1")
+    entries = load(tmp_path / "metadata.json")["pairs"]
+    for entry in entries:
+        rng = np.random.default_rng((0, entry["imgid"]))
+        layout = build_layout(rng, 64, choose_change_plan(rng, 0.5))
+        visible = 0
+        for tree in layout.trees:
+            canopy = Image.new("L", (layout.canvas, layout.canvas), 0)
+            x, y, r = tree.x, tree.y, tree.radius
+            ImageDraw.Draw(canopy).ellipse([x - r, y - r, x + r, y + r], fill=255)
+            visible += bool(np.asarray(canopy)[layout.margin : layout.margin + 64, layout.margin : layout.margin + 64].any())
+        assert entry["num_trees"] == visible, entry["filename"]
+    assert entries[35]["num_trees"] == entries[248]["num_trees"] == 0
+    answers = {
+        record["id"]: record["conversations"][1]["value"]
+        for record in load(tmp_path / "annotations" / "changechat_train.json")
+        if record["conversations"][0]["value"].endswith("Are there any trees in the scene?")
+    }
+    assert answers["train_000249_open"] == "No"
+    for record_id, answer in answers.items():
+        assert answer == ("Yes" if entries[int(record_id.split("_")[1]) - 1]["num_trees"] else "No"), record_id
 
 
 def test_encode_png_round_trips():

@@ -34,7 +34,7 @@ import numpy as np
 from processing.conversation import GRID_CELLS, TASK_PROMPTS
 
 from . import language
-from .render import BUILDING_ADDED, BUILDING_REMOVED, MASK_VALUES, ROAD_ADDED, ROAD_REMOVED, render_pair
+from .render import BUILDING_ADDED, BUILDING_REMOVED, MASK_VALUES, ROAD_ADDED, ROAD_REMOVED, count_visible_trees, render_pair
 from .scene import ONLY_A, ONLY_B, build_layout, choose_change_plan
 
 GENERATOR_VERSION = "1.0"
@@ -115,7 +115,7 @@ def generate_pair(seed, size: int = 256, variation: str = "light", change_probab
         },
         terrain=layout.terrain,
         has_water=layout.pond is not None,
-        num_trees=len(layout.trees),
+        num_trees=count_visible_trees(layout),  # the layout also holds trees in the margin, outside the picture
     )
     return SyntheticPair(
         image_a=image_a,

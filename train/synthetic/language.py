@@ -47,7 +47,7 @@ class GroundTruth:
     group_cells: dict = field(default_factory=dict)  # cells per group in GROUPS (for captions)
     terrain: str = "grass"
     has_water: bool = False
-    num_trees: int = 0
+    num_trees: int = 0  # trees with canopy pixels inside the image (A's frame)
 
     @property
     def roads_changed(self) -> int:

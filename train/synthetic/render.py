@@ -184,6 +184,26 @@ def draw_id_map(layout: Layout, image: str) -> tuple:
     return np.asarray(ids), np.asarray(shadow)
 
 
+def count_visible_trees(layout: Layout) -> int:
+    """Trees with canopy pixels inside image A's frame (the frame of the mask and of all the ground truth).
+
+    Trees are scattered over the whole canvas, margin included, and nothing is drawn over a canopy, so a tree is
+    in the picture exactly when its ellipse, as draw_id_map draws it, has a pixel in the frame. Only trees
+    astride the frame's edge are drawn to find out, on the full canvas so that the pixels are the same.
+    """
+    n, low, high = layout.canvas, layout.margin, layout.margin + layout.size
+    count = 0
+    for tree in layout.trees:
+        x, y, r = tree.x, tree.y, tree.radius
+        if low + 1 <= x - r and x + r <= high - 2 and low + 1 <= y - r and y + r <= high - 2:
+            count += 1  # well inside: a disc of radius >= 0.75 px always covers a pixel
+        elif low - 1 <= x + r and x - r <= high and low - 1 <= y + r and y - r <= high:
+            canopy = Image.new("L", (n, n), 0)
+            ImageDraw.Draw(canopy).ellipse([x - r, y - r, x + r, y + r], fill=255)
+            count += bool(np.asarray(canopy)[low:high, low:high].any())
+    return count
+
+
 def colourise(ids: np.ndarray, shadow: np.ndarray, materials: Materials) -> np.ndarray:
     """Material ids -> planar float32 RGB (3, n, n), before nuisances."""
     # np.take: much faster than fancy indexing for these lookups.
