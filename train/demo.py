@@ -410,8 +410,11 @@ class BackgroundGeneration:
         from train.synthetic import write_dataset
 
         self.data_dir = data_dir
+        # overwrite: the demo starts a generation only when data/ has no metadata.json, so what is there is an
+        # unfinished earlier generation of its own, which the generator would otherwise refuse to write over.
         self.process = multiprocessing.get_context("spawn").Process(
-            target=write_dataset, args=(data_dir, num_pairs), kwargs={"seed": seed, "variation": variation},
+            target=write_dataset, args=(data_dir, num_pairs),
+            kwargs={"seed": seed, "variation": variation, "overwrite": True},
             name="deltavlm-synth", daemon=True)
         self.process.start()
 

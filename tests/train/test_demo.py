@@ -496,6 +496,21 @@ def test_background_generation_writes_what_write_dataset_writes(tmp_path):
     generation.stop()  # a finished generator: nothing to end
 
 
+def test_background_generation_replaces_an_unfinished_generation(tmp_path):
+    """The demo generates only into a data folder without metadata.json: what is there is its own unfinished
+    generation, which the generator refuses to write over unless told to."""
+    from train.demo import BackgroundGeneration
+
+    write_dataset(tmp_path / "direct", 6, seed=5)
+    data = tmp_path / "background"
+    write_dataset(data, 9, seed=1)
+    (data / "metadata.json").unlink()  # as an interrupted run leaves it
+    generation = BackgroundGeneration(data, 6, seed=5, variation="light")
+    generation.wait()
+    assert (data / "metadata.json").read_bytes() == (tmp_path / "direct" / "metadata.json").read_bytes()
+    assert len(list((data / "images" / "train" / "A").iterdir())) == 4
+
+
 def test_background_generation_failure_names_the_folder(tmp_path):
     from train.demo import BackgroundGeneration
 

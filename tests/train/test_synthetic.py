@@ -354,3 +354,90 @@ def test_cli_refuses_a_file_as_output(tmp_path, capsys):
     assert deltavlm_cli.main(["synth", "--out", str(path), "--pairs", "2"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a file" in err
+
+
+# ---------------------------------------------------------------------------------------------- output folder
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_with_another_runs_data_is_refused_unless_overwrite(tmp_path, capsys):
+    """A rerun once wrote over part of an earlier run and left the rest (its test split, its extra images)."""
+    out = tmp_path / "data"
+    assert deltavlm_cli.main(["synth", "--out", str(out), "--pairs", "30", "--seed", "1"]) == 0
+    before = snapshot(out)
+    second = ["synth", "--out", str(out), "--pairs", "10", "--seed", "2", "--splits", "train=1"]
+    assert deltavlm_cli.main(second) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seed 1" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    (out / "mine" / "keep.json").write_text("{}")
+    assert deltavlm_cli.main(second + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["LevirCCcaptions.json", "annotations", "images", "metadata.json", "mine", "notes.txt"]
+    assert [p.name for p in (out / "annotations").iterdir()] == ["changechat_train.json"]
+    assert [p.name for p in (out / "images").iterdir()] == ["train"]
+    assert len(list((out / "images" / "train" / "A").iterdir())) == 10
+    meta = load(out / "metadata.json")
+    assert meta["seed"] == 2 and meta["split_sizes"] == {"train": 10}
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "keep.json").is_file()
+
+
+def test_the_same_run_into_its_own_folder_is_left_as_it_is(tmp_path, capsys):
+    out = tmp_path / "data"
+    args = ["synth", "--out", str(out), "--pairs", "6", "--seed", "4"]
+    assert deltavlm_cli.main(args) == 0
+    before, stamp = snapshot(out), (out / "metadata.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert deltavlm_cli.main(args) == 0
+    assert "already holds this data set" in capsys.readouterr().out
+    assert snapshot(out) == before and (out / "metadata.json").stat().st_mtime_ns == stamp
+    assert deltavlm_cli.main(args + ["--overwrite"]) == 0  # regenerates: the same bytes
+    assert snapshot(out) == before
+
+
+def test_an_interrupted_run_leaves_no_metadata(tmp_path, monkeypatch, capsys):
+    """metadata.json marks a complete data set (`deltavlm demo` reuses a folder that has one): an interrupted
+    rerun once left the earlier run's metadata.json beside its own new images."""
+    import train.synthetic.dataset as dataset_module
+
+    out = tmp_path / "data"
+    write_dataset(out, num_pairs=20, seed=1)
+    real, calls = dataset_module.generate_pair, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "generate_pair", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(out, num_pairs=20, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert not (out / "metadata.json").exists() and not (out / "LevirCCcaptions.json").exists()
+
+    # What is left could be anything's: refused without --overwrite, completed with it.
+    args = ["synth", "--out", str(out), "--pairs", "20", "--seed", "2"]
+    assert deltavlm_cli.main(args) == 2
+    assert "no readable metadata.json" in capsys.readouterr().err
+    assert deltavlm_cli.main(args + ["--overwrite"]) == 0
+    assert load(out / "metadata.json")["seed"] == 2
+    assert np.array_equal(read_png(out / "images" / "train" / "A" / "train_000001.png"), real((2, 0)).image_a)
+
+
+def test_a_levircc_copy_is_never_written_over_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "levir"
+    (out / "images" / "train" / "A").mkdir(parents=True)
+    (out / "images" / "train" / "A" / "train_000001.png").write_bytes(b"real image")
+    (out / "LevirCCcaptions.json").write_text('{"images": []}')
+    before = snapshot(out)
+    assert deltavlm_cli.main(["synth", "--out", str(out), "--pairs", "2"]) == 2
+    assert "no readable metadata.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="overwrite"):
+        write_dataset(out, num_pairs=2)
+    assert snapshot(out) == before

@@ -12,6 +12,12 @@ Layout written under DIR (image paths in the annotations are relative to DIR/ima
                                                binary, count, loc, open, dialog (instruction schema)
     metadata.json                              generator version, seed, arguments, per-pair ground truth
 
+metadata.json is written last, and only when everything else is: a folder that has it holds a complete data
+set (`deltavlm demo` reuses one on that sign). The generator owns the paths above (OWNED_PATHS) and nothing
+else in DIR. It writes into a folder that holds none of them; a folder that already holds this exact run
+(same version, seed and arguments) is left as it is; anything else there (another run, an unfinished one, a
+LEVIR-CC copy) is refused unless `overwrite` (--overwrite) is given, which deletes the owned paths first.
+
 Ground-truth rules:
 - The mask is in image A's frame; image B may be offset by up to 1 px ("light") or 2 px ("heavy").
 - A changed road or building is exactly one 8-connected blob of its value in the mask; the counts in
@@ -22,6 +28,8 @@ Ground-truth rules:
 
 import argparse
 import json
+import os
+import shutil
 import struct
 import sys
 import time
@@ -37,11 +45,15 @@ from . import language
 from .render import BUILDING_ADDED, BUILDING_REMOVED, MASK_VALUES, ROAD_ADDED, ROAD_REMOVED, count_visible_trees, render_pair
 from .scene import ONLY_A, ONLY_B, build_layout, choose_change_plan
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: one blob per changed road, changed pairs always change, visible trees counted
 VARIATIONS = ("light", "heavy")
 DEFAULT_SPLITS = "train=0.7,val=0.1,test=0.2"
 TASK_FILES = ("caption", "binary", "count", "loc", "open", "dialog")  # suffixes of the per-task files
 IMAGE_TAG = "<image> <image> "
+# Everything the generator writes under its output folder, and so all that --overwrite deletes there. metadata.json
+# comes first: it marks a complete data set, so it goes before anything else does.
+OWNED_PATHS = ("metadata.json", "metadata.json.tmp", "LevirCCcaptions.json", "annotations", "images")
+OWNED_TEXT = "metadata.json, LevirCCcaptions.json, annotations/ and images/"  # for messages
 MIN_SIZE = 64
 
 
@@ -244,6 +256,59 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
 
 
+def _write_json_atomic(path: Path, obj) -> None:
+    """Via a temporary file and os.replace: a reader never sees half a metadata.json."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def run_identity(num_pairs: int, seed: int, size: int, splits: dict, variation: str, change_probability: float) -> dict:
+    """What makes two runs write the same files: the metadata.json keys that a rerun is compared on."""
+    return {
+        "generator": "deltavlm synth",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "args": {
+            "pairs": num_pairs,
+            "size": size,
+            "splits": splits,
+            "variation": variation,
+            "change_probability": change_probability,
+        },
+    }
+
+
+def folder_contents(out_dir, identity: dict) -> str | None:
+    """None when `out_dir` holds none of the generator's paths; "same" when it holds the complete data set of
+    the run `identity` describes; else a description of what is there, for the refusal."""
+    out = Path(out_dir)
+    present = [name for name in OWNED_PATHS if os.path.lexists(out / name)]
+    if not present:
+        return None
+    try:
+        metadata = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{', '.join(present)} but no readable metadata.json (an unfinished run, or data not made by deltavlm synth)"
+    if not isinstance(metadata, dict) or metadata.get("generator") != identity["generator"]:
+        return "a metadata.json not written by deltavlm synth"
+    if {key: metadata.get(key) for key in identity} == identity:
+        return "same"
+    return (
+        f"another synthetic data set (version {metadata.get('version')}, seed {metadata.get('seed')}, "
+        f"{(metadata.get('args') or {}).get('pairs')} pairs)"
+    )
+
+
+def _remove_owned_paths(out: Path) -> None:
+    for name in OWNED_PATHS:  # metadata.json first: an interrupted clean-up must not leave a "complete" folder
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()  # a file, or a link (never followed: what it points to is not ours)
+
+
 def write_dataset(
     out_dir,
     num_pairs: int,
@@ -252,10 +317,12 @@ def write_dataset(
     splits=DEFAULT_SPLITS,
     variation: str = "light",
     change_probability: float = 0.5,
+    overwrite: bool = False,
 ) -> dict:
-    """Generate `num_pairs` pairs into `out_dir` (layout in the module docstring). Pair i (global index,
-    splits in the order given) comes from seed (seed, i), so any pair can be regenerated alone.
-    Returns {split: number of pairs}."""
+    """Generate `num_pairs` pairs into `out_dir` (layout and folder rules in the module docstring). Pair i
+    (global index, splits in the order given) comes from seed (seed, i), so any pair can be regenerated alone.
+    Returns {split: number of pairs}. A folder that already holds this run is left as it is unless `overwrite`;
+    one that holds other data raises ValueError unless `overwrite`, which deletes the generator's paths first."""
     if num_pairs <= 0:
         raise ValueError(f"the number of pairs must be positive, got {num_pairs}")
     if variation not in VARIATIONS:
@@ -267,6 +334,14 @@ def write_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} is a file, not a folder")
+    identity = run_identity(num_pairs, seed, size, split_fractions, variation, change_probability)
+    contents = folder_contents(out, identity)
+    if contents == "same" and not overwrite:
+        return sizes
+    if contents is not None and contents != "same" and not overwrite:
+        raise ValueError(f"{out} already holds {contents}; overwrite (--overwrite) deletes {OWNED_TEXT} there")
+    if contents is not None:
+        _remove_owned_paths(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
 
     levircc, metadata_pairs = [], []
@@ -299,16 +374,7 @@ def write_dataset(
 
     _write_json(out / "LevirCCcaptions.json", {"images": levircc})
     metadata = {
-        "generator": "deltavlm synth",
-        "version": GENERATOR_VERSION,
-        "seed": seed,
-        "args": {
-            "pairs": num_pairs,
-            "size": size,
-            "splits": split_fractions,
-            "variation": variation,
-            "change_probability": change_probability,
-        },
+        **identity,
         "split_sizes": sizes,
         "mask_values": {"no_change": 0, "road": 128, "building": 255},
         "cell_rule": (
@@ -317,7 +383,7 @@ def write_dataset(
         ),
         "pairs": metadata_pairs,
     }
-    _write_json(out / "metadata.json", metadata)
+    _write_json_atomic(out / "metadata.json", metadata)  # last: its presence says the data set is complete
     return sizes
 
 
@@ -339,7 +405,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="deltavlm synth",
         description="Generate a synthetic bi-temporal change data set in the LEVIR-CC / ChangeChat layout.",
     )
-    parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--pairs", type=int, required=True, help="number of image pairs")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
     parser.add_argument("--size", type=int, default=256, help=f"image side in pixels (>= {MIN_SIZE}, default 256)")
@@ -347,6 +413,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variation", choices=VARIATIONS, default="light", help="strength of the irrelevant variation")
     parser.add_argument(
         "--change-probability", type=float, default=0.5, help="share of changed pairs (default 0.5, as LEVIR-CC)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace the data an earlier run left in --out (deletes only {OWNED_TEXT} there); "
+        "without it such a folder is refused, or left as it is when it holds this very run",
     )
     return parser
 
@@ -370,15 +442,27 @@ def main(argv=None) -> int:
         problem = f"--out {args.out} is a file, not a folder"
     else:
         try:
-            parse_splits(args.splits)
+            splits = parse_splits(args.splits)
         except ValueError as error:
             problem = f"--splits: {error}"
+        else:
+            identity = run_identity(args.pairs, args.seed, args.size, splits, args.variation, args.change_probability)
+            contents = folder_contents(args.out, identity)
+            if contents == "same" and not args.overwrite:
+                print(f"{args.out} already holds this data set ({args.pairs} pairs, seed {args.seed}); nothing written "
+                      "(--overwrite regenerates it)")
+                return 0
+            if contents is not None and contents != "same" and not args.overwrite:
+                problem = (f"--out {args.out} already holds {contents}; pass --overwrite to replace it (deletes only "
+                           f"{OWNED_TEXT} there), or choose another --out")
     if problem:
         print(f"deltavlm synth: error: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
-        sizes = write_dataset(args.out, args.pairs, args.seed, args.size, args.splits, args.variation, args.change_probability)
+        sizes = write_dataset(
+            args.out, args.pairs, args.seed, args.size, splits, args.variation, args.change_probability, args.overwrite
+        )
     except OSError as error:
         print(f"deltavlm synth: error: cannot write {args.out}: {error}", file=sys.stderr)
         return 1
