@@ -340,12 +340,36 @@ def test_cli_options(tmp_path):
         (["--pairs", "2", "--splits", "train=0.5,test=0.2"], "sum to 1"),
         (["--pairs", "2", "--variation", "extreme"], "--variation"),
         (["--pairs", "2", "--size", "16"], "--size"),
+        (["--pairs", "2", "--size", "1025"], "--size"),  # no bound: 100000 was a MemoryError traceback
+        (["--pairs", "2", "--seed", "-1"], "--seed"),  # was numpy's message, after the folders were made
+        (["--pairs", "2", "--seed", "1.5"], "--seed"),
+        (["--pairs", "2", "--splits", "train=nan"], "--splits"),  # passed the checks, then crashed
+        (["--pairs", "2", "--splits", "train=inf,test=-inf"], "--splits"),
+        (["--pairs", "2", "--change-probability", "nan"], "--change-probability"),
+        (["--pairs", "2", "--change-probability", "1.5"], "--change-probability"),
     ],
 )
 def test_cli_bad_arguments_fail_with_one_line(tmp_path, capsys, extra, expected):
-    assert deltavlm_cli.main(["synth", "--out", str(tmp_path / "x")] + extra) != 0
+    assert deltavlm_cli.main(["synth", "--out", str(tmp_path / "x")] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err
+    assert not (tmp_path / "x").exists()  # nothing is created before every value is checked
+
+
+def test_a_split_without_pairs_gets_no_files(tmp_path, capsys):
+    """Empty changechat_val_*.json files made `deltavlm eval` fail with a bare "no records"."""
+    from eval.run_eval import EvalError, task_files
+
+    assert deltavlm_cli.main(["synth", "--out", str(tmp_path), "--pairs", "2", "--splits", "train=0.9,val=0.1"]) == 0
+    assert load(tmp_path / "metadata.json")["split_sizes"] == {"train": 2, "val": 0}
+    assert [p.name for p in (tmp_path / "annotations").iterdir()] == ["changechat_train.json"]
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["train"]
+    assert_masks_match_metadata(tmp_path)
+    with pytest.raises(EvalError, match="no val files found"):
+        task_files(tmp_path, "val")
+
+    write_dataset(tmp_path / "some", num_pairs=4, splits="train=0.5,val=0,test=0.5")
+    assert len(task_files(tmp_path / "some", "test")) == 6 and not (tmp_path / "some" / "images" / "val").exists()
 
 
 def test_cli_refuses_a_file_as_output(tmp_path, capsys):

@@ -28,6 +28,7 @@ Ground-truth rules:
 
 import argparse
 import json
+import math
 import os
 import shutil
 import struct
@@ -55,6 +56,9 @@ IMAGE_TAG = "<image> <image> "
 OWNED_PATHS = ("metadata.json", "metadata.json.tmp", "LevirCCcaptions.json", "annotations", "images")
 OWNED_TEXT = "metadata.json, LevirCCcaptions.json, annotations/ and images/"  # for messages
 MIN_SIZE = 64
+# LEVIR-CD's tiles are 1024 px; a pair is held in memory as several float32 copies of its canvas, so far larger
+# sizes end in a MemoryError rather than a data set.
+MAX_SIZE = 1024
 
 
 @dataclass
@@ -234,6 +238,8 @@ def parse_splits(text: str) -> dict:
             fraction = float(value)
         except ValueError:
             raise ValueError(f"bad fraction {value!r} for split {name!r}") from None
+        if not math.isfinite(fraction):  # nan passes every comparison below and fails when sizes are rounded
+            raise ValueError(f"bad fraction {value!r} for split {name!r}: not a finite number")
         if fraction < 0 or name in splits:
             raise ValueError(f"split {name!r} is repeated or negative in {text!r}")
         splits[name] = fraction
@@ -325,10 +331,14 @@ def write_dataset(
     one that holds other data raises ValueError unless `overwrite`, which deletes the generator's paths first."""
     if num_pairs <= 0:
         raise ValueError(f"the number of pairs must be positive, got {num_pairs}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
     if variation not in VARIATIONS:
         raise ValueError(f"variation must be one of {VARIATIONS}, got {variation!r}")
-    if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be in [{MIN_SIZE}, {MAX_SIZE}], got {size}")
+    if not 0 <= change_probability <= 1:  # also false for nan
+        raise ValueError(f"change_probability must be in [0, 1], got {change_probability}")
     split_fractions = parse_splits(splits) if isinstance(splits, str) else dict(splits)
     sizes = split_sizes(num_pairs, split_fractions)
     out = Path(out_dir)
@@ -347,6 +357,10 @@ def write_dataset(
     levircc, metadata_pairs = [], []
     imgid = 0
     for split, count in sizes.items():
+        if count == 0:
+            # No files for an empty split: an empty changechat_val_*.json made `deltavlm eval` fail with a bare "no
+            # records"; without the files it says that no val files were found.
+            continue
         folders = {kind: out / "images" / split / kind for kind in ("A", "B", "label")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
@@ -400,19 +414,81 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+def _positive_int(value: str) -> int:
+    """argparse type of --pairs."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
+    return number
+
+
+def _seed(value: str) -> int:
+    """argparse type of --seed: numpy's SeedSequence takes only non-negative integers."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _size(value: str) -> int:
+    """argparse type of --size."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if not MIN_SIZE <= number <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be in [{MIN_SIZE}, {MAX_SIZE}], got {number}")
+    return number
+
+
+def _probability(value: str) -> float:
+    """argparse type of --change-probability."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _splits(value: str) -> dict:
+    """argparse type of --splits."""
+    try:
+        return parse_splits(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="deltavlm synth",
         description="Generate a synthetic bi-temporal change data set in the LEVIR-CC / ChangeChat layout.",
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--pairs", type=int, required=True, help="number of image pairs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
-    parser.add_argument("--size", type=int, default=256, help=f"image side in pixels (>= {MIN_SIZE}, default 256)")
-    parser.add_argument("--splits", default=DEFAULT_SPLITS, help=f"split fractions (default {DEFAULT_SPLITS})")
+    parser.add_argument("--pairs", type=_positive_int, required=True, help="number of image pairs")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed, >= 0 (same seed -> identical files)")
+    parser.add_argument(
+        "--size", type=_size, default=256, help=f"image side in pixels ({MIN_SIZE} to {MAX_SIZE}, default 256)"
+    )
+    parser.add_argument(
+        "--splits",
+        type=_splits,
+        default=DEFAULT_SPLITS,
+        help=f"split fractions (default {DEFAULT_SPLITS}); a split that gets no pair gets no files",
+    )
     parser.add_argument("--variation", choices=VARIATIONS, default="light", help="strength of the irrelevant variation")
     parser.add_argument(
-        "--change-probability", type=float, default=0.5, help="share of changed pairs (default 0.5, as LEVIR-CC)"
+        "--change-probability",
+        type=_probability,
+        default=0.5,
+        help="share of changed pairs, in [0, 1] (default 0.5, as LEVIR-CC)",
     )
     parser.add_argument(
         "--overwrite",
@@ -431,37 +507,28 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
+    # The values themselves were checked by the argparse types; what is left is the folder. All before anything is
+    # created in it.
     problem = None
-    if args.pairs <= 0:
-        problem = f"--pairs must be positive, got {args.pairs}"
-    elif args.size < MIN_SIZE:
-        problem = f"--size must be at least {MIN_SIZE}, got {args.size}"
-    elif not 0 <= args.change_probability <= 1:
-        problem = f"--change-probability must be in [0, 1], got {args.change_probability}"
-    elif Path(args.out).exists() and not Path(args.out).is_dir():
+    if Path(args.out).exists() and not Path(args.out).is_dir():
         problem = f"--out {args.out} is a file, not a folder"
     else:
-        try:
-            splits = parse_splits(args.splits)
-        except ValueError as error:
-            problem = f"--splits: {error}"
-        else:
-            identity = run_identity(args.pairs, args.seed, args.size, splits, args.variation, args.change_probability)
-            contents = folder_contents(args.out, identity)
-            if contents == "same" and not args.overwrite:
-                print(f"{args.out} already holds this data set ({args.pairs} pairs, seed {args.seed}); nothing written "
-                      "(--overwrite regenerates it)")
-                return 0
-            if contents is not None and contents != "same" and not args.overwrite:
-                problem = (f"--out {args.out} already holds {contents}; pass --overwrite to replace it (deletes only "
-                           f"{OWNED_TEXT} there), or choose another --out")
+        identity = run_identity(args.pairs, args.seed, args.size, args.splits, args.variation, args.change_probability)
+        contents = folder_contents(args.out, identity)
+        if contents == "same" and not args.overwrite:
+            print(f"{args.out} already holds this data set ({args.pairs} pairs, seed {args.seed}); nothing written "
+                  "(--overwrite regenerates it)")
+            return 0
+        if contents is not None and contents != "same" and not args.overwrite:
+            problem = (f"--out {args.out} already holds {contents}; pass --overwrite to replace it (deletes only "
+                       f"{OWNED_TEXT} there), or choose another --out")
     if problem:
         print(f"deltavlm synth: error: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
         sizes = write_dataset(
-            args.out, args.pairs, args.seed, args.size, splits, args.variation, args.change_probability, args.overwrite
+            args.out, args.pairs, args.seed, args.size, args.splits, args.variation, args.change_probability, args.overwrite
         )
     except OSError as error:
         print(f"deltavlm synth: error: cannot write {args.out}: {error}", file=sys.stderr)
