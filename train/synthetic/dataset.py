@@ -414,37 +414,20 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _positive_int(value: str) -> int:
-    """argparse type of --pairs."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
-    return number
+def _integer_in(low: int, high: float = float("inf")):
+    """An argparse type: an integer in [low, high], else an error line argparse prefixes with the option's name.
+    --pairs: >= 1; --seed: >= 0 (numpy's SeedSequence takes no negatives); --size: MIN_SIZE..MAX_SIZE."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            bound = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
+        return number
 
-
-def _seed(value: str) -> int:
-    """argparse type of --seed: numpy's SeedSequence takes only non-negative integers."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
-def _size(value: str) -> int:
-    """argparse type of --size."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
-    if not MIN_SIZE <= number <= MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"must be in [{MIN_SIZE}, {MAX_SIZE}], got {number}")
-    return number
+    return parse
 
 
 def _probability(value: str) -> float:
@@ -472,10 +455,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Generate a synthetic bi-temporal change data set in the LEVIR-CC / ChangeChat layout.",
     )
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--pairs", type=_positive_int, required=True, help="number of image pairs")
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed, >= 0 (same seed -> identical files)")
+    parser.add_argument("--pairs", type=_integer_in(1), required=True, help="number of image pairs")
+    parser.add_argument("--seed", type=_integer_in(0), default=0, help="random seed, >= 0 (same seed -> identical files)")
     parser.add_argument(
-        "--size", type=_size, default=256, help=f"image side in pixels ({MIN_SIZE} to {MAX_SIZE}, default 256)"
+        "--size", type=_integer_in(MIN_SIZE, MAX_SIZE), default=256,
+        help=f"image side in pixels ({MIN_SIZE} to {MAX_SIZE}, default 256)"
     )
     parser.add_argument(
         "--splits",
