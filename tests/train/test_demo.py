@@ -583,27 +583,30 @@ def test_the_reserve_after_the_stage_follows_the_batch_and_long_budgets_use_thei
     assert planned == 60.0 and latest == 60.0
 
 
-def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, synthetic, tiny_model_dir):
+def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, synthetic, tiny_model_dir, monkeypatch):
     """The mixed run's deadline follows its own steps and may end it after the stage's planned end less the tail;
     the tail then still gets its planned seconds (up to `latest`), not one step at a zero rate."""
     import argparse
-    import time
+    import types
 
+    import train.demo
     from train.demo import _instruction_tuning
 
+    # the demo's clock moves one second each time it is read, so that the steps the deadlines allow are the same on
+    # any machine (on the real clock a tiny step took 0.5 s idle and over 10 s beside other jobs, and this failed)
+    readings = iter(range(10**9))
+    monkeypatch.setattr(train.demo, "time", types.SimpleNamespace(time=lambda: float(next(readings))))
     out, said = tmp_path / "demo", []
     out.mkdir()
-    now = time.time()
-    # planned: the stage ends at now + 30, the last 20 s the tail's. The budget's end is far, so after three steps
-    # the mixed run's deadline moves to `latest` less the tail's 20 s: now + 30 (the step counts are only bounds).
-    # 20 s leave the tail its 3 steps also on a loaded machine (a tiny step took ~5 s beside another job).
+    # planned: the stage ends at 30, the last 20 s the tail's. The budget's end is far, so after three steps the
+    # mixed run's deadline moves to `latest` less the tail's 20 s: 30 (the step counts are only bounds).
     curve = _instruction_tuning(out, tiny_model_dir, synthetic, out / "model", mixed_steps=1000, tail_steps=1000,
                                 args=argparse.Namespace(seed=0, frozen_llm=False, dialogue_image_swap=0.5),
                                 say=said.append, batch_size=8,
-                                probes=0, deadline=now + 30, tail_seconds=20.0, budget_end=now + 1000,
-                                steps_after=1.0, latest=now + 50)
+                                probes=0, deadline=30.0, tail_seconds=20.0, budget_end=1e6,
+                                steps_after=1.0, latest=50.0)
     mixed_end = json.loads((out / "curve-train.json").read_text())[-1]["step"]
     assert any("time is up after" in line for line in said), said  # the clock, not the step bound, ended the mixed run
-    # held to now + 30, the tail would stop after its first step
+    # held to the planned 30, the tail would stop after its first step (it did: 1 step against 8 now)
     assert curve[-1]["step"] - mixed_end >= 3, (said, curve)
     assert (out / "model" / "config.json").is_file() and (out / "model-mixed" / "config.json").is_file()
