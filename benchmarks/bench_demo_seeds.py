@@ -92,7 +92,7 @@ def closing_turn_errors(run_dir: Path) -> dict | None:
 
 def collect(run_dir: Path) -> dict:
     """What one finished demo folder says: scores, baselines, warm-up and language-stage figures, wall time."""
-    from train.demo import PER_CATEGORY, baseline_scores, beats_baseline, category_scores, headline
+    from train.demo_results import PER_CATEGORY, baseline_scores, beats_baseline, category_scores, headline
 
     evaluation = json.loads((run_dir / "eval" / "metrics.json").read_text())
     metrics = evaluation["tasks"]

@@ -317,7 +317,7 @@ def test_tail_with_trainable_qformer_moves_the_qformer_and_not_the_vision_side(t
 def _finished_demo_folder(run_dir: Path, binary_accuracy: float) -> dict:
     """A demo folder as `deltavlm demo` leaves it, with the trivial answers' own scores as the model's except for
     binary, which gets `binary_accuracy`."""
-    from train.demo import baseline_scores
+    from train.demo_results import baseline_scores
     from train.synthetic import write_dataset
 
     write_dataset(run_dir / "data", 30, seed=0, variation="light")

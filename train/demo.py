@@ -18,36 +18,26 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from transformers import TrainerCallback
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
 from processing.changechat_data import load_records
-from processing.conversation import TASK_PROMPTS, task_of_question
+from processing.conversation import TASK_PROMPTS
+from train.deadline import CosineToDeadline, tail_deadline
+from train.demo_results import (
+    TASK_FILES,
+    CurveCallback,
+    baseline_scores,
+    headline_point,
+    plot_curve,
+    summary_table,
+)
 from train.export import staged_model_folder
 
-TASK_FILES = {
-    "caption": "changechat_test_caption.json",
-    "binary": "changechat_test_binary.json",
-    "count": "changechat_test_count.json",
-    "localization": "changechat_test_loc.json",
-    "open": "changechat_test_open.json",
-    "dialogue": "changechat_test_dialog.json",
-}
-# The number each task is judged by in the summary table, and whether higher is better.
-HEADLINE = {
-    "caption": ("CIDEr", True),
-    "binary": ("accuracy", True),
-    "count": ("MAE (mean of roads, buildings)", False),
-    "localization": ("micro-F1 (mean of roads, buildings)", True),
-    "open": ("CIDEr", True),
-    "dialogue": ("final-turn CIDEr", True),
-}
 # The mask phase's learning rate at batch 32 (the Q-Former phase keeps warm_up_vision's 1e-3). Measured on the
 # 60-minute demo's data (3 780 training pairs, 360 mask steps at batch 32, 2 cores, 2026-11-27): held-out per-patch
 # change F1 0.684 at 3e-3 against 0.648 at 1e-3 (0.634 / 0.607 after 180 steps).
@@ -362,7 +352,7 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
 
     # curve plot: the probe points, then the final evaluation at the end of training
     end_of_training = curve[-1] if curve else {"minutes": 0.0}
-    curve_points = curve[:-1] + [{**end_of_training, **_headline_point(metrics)}]
+    curve_points = curve[:-1] + [{**end_of_training, **headline_point(metrics)}]
     plot_curve(curve_points, out / "curve.png")
     say(f"wrote {out / 'results.md'} and {out / 'curve.png'}")
 
@@ -564,89 +554,6 @@ def probe_every(steps: int, probes: int) -> int:
     if probes >= 3:
         return max(1, steps // 3)  # the longer budgets' curves in the README were probed this way
     return max(1, -(-steps // (probes + 1)))
-
-
-class StopAtDeadline(TrainerCallback):
-    """Ends a Trainer run once the wall clock passes `deadline` (a time.time() value). The step estimate the run
-    was sized by can be off when something else loads the machine; this keeps the demo inside its budget. The model
-    is exported as usual; the cosine schedule then ends above zero."""
-
-    def __init__(self, deadline: float, say=print):
-        self.deadline, self.say = deadline, say
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.time() > self.deadline and state.global_step < state.max_steps:
-            self.say(self.stop_message(state))
-            control.should_training_stop = True
-
-    def stop_message(self, state) -> str:
-        return f"the budget's deadline has passed: stopping at step {state.global_step} of {state.max_steps}"
-
-
-class CosineToDeadline(StopAtDeadline):
-    """StopAtDeadline whose learning rate follows the clock: after the Trainer's warm-up steps, a cosine from the
-    peak rate to zero over the time from the run's start to `deadline`, however long the steps take. The Trainer's
-    own cosine counts steps, and a step count sized by a timed step misses on a machine whose speed varies: on the
-    EPYC (2026-11-27) the same code and data timed 4.2 s a step in one run and 4.9 s in the next; the first run's
-    deadline stopped it at step 69 of 75, the second finished its 52 steps with a minute of the budget unused and
-    lost three tasks to the constant baselines the first had beaten. Here the run ends at the deadline with the
-    rate at zero, whatever the speed; `max_steps` is only an upper bound. Replaces the scheduler's `lr_lambdas`
-    (a LambdaLR, as the Trainer's schedulers are), so the logged rate is the one used.
-
-    With `budget_end` (a time.time() value) the deadline then follows the run's own median step time (from the
-    third step) so as to leave `steps_after` steps' worth of time before `budget_end`, never past `latest`
-    (default: the deadline given): what follows the stage (the evaluation) slows down and speeds up with the
-    machine, and the step the demo timed before the run is an estimate. On the EPYC (2026-11-27) one run timed
-    3.6 s a step and took 4.4-5.0 s, and the demo ended at 10.2 minutes of a 10-minute budget; the next timed 5.3 s
-    and took ~4.7, and left 0.8 minutes unused."""
-
-    def __init__(self, deadline: float, say=print, budget_end: float | None = None, steps_after: float = 0.0,
-                 latest: float | None = None):
-        super().__init__(deadline, say)
-        if steps_after < 0:
-            raise ValueError(f"CosineToDeadline: steps_after must be >= 0, got {steps_after}")
-        self.budget_end, self.steps_after = budget_end, steps_after
-        self.latest = deadline if latest is None else max(deadline, latest)
-        self.step_seconds: list[float] = []
-        self._last_step_end = None
-
-    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            raise TypeError(f"CosineToDeadline needs the Trainer's LambdaLR scheduler, got {type(lr_scheduler).__name__}")
-        begin = self._last_step_end = time.time()
-        warmup = args.get_warmup_steps(state.max_steps)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return step / warmup
-            progress = min(1.0, (time.time() - begin) / max(1e-3, self.deadline - begin))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        lr_scheduler.lr_lambdas = [factor] * len(lr_scheduler.lr_lambdas)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.time()
-        if self._last_step_end is not None:
-            self.step_seconds.append(now - self._last_step_end)
-        self._last_step_end = now
-        if self.budget_end is not None and len(self.step_seconds) >= 3:
-            median = sorted(self.step_seconds)[len(self.step_seconds) // 2]  # a curve probe's step is an outlier
-            self.deadline = min(self.latest, self.budget_end - self.steps_after * median)
-        super().on_step_end(args, state, control, **kwargs)
-
-    def stop_message(self, state) -> str:
-        return f"the stage's time is up after {state.global_step} steps (learning rate down to zero)"
-
-
-def tail_deadline(deadline: float, tail_seconds: float, latest: float | None, now: float | None = None) -> float:
-    """The focused tail's deadline, set when it starts: its planned `tail_seconds` from now, or the stage's
-    `deadline` if that is later, never past `latest`. The mixed run's deadline follows its own step time and may
-    end it after `deadline - tail_seconds`; a tail held to the planned `deadline` then starts with its time gone
-    (the 60-minute demo on the EPYC, 2026-11-28: the mixed run ended at 40.7 min, after the stage's planned end,
-    and the tail stopped after 1 step at a zero learning rate)."""
-    now = time.time() if now is None else now
-    planned = max(deadline, now + tail_seconds)
-    return planned if latest is None else min(latest, planned)
 
 
 def _instruction_tuning(out: Path, init_dir: Path, data_dir: Path, model_dir: Path, mixed_steps: int,
@@ -890,219 +797,6 @@ def _measure_step_seconds(model_dir: Path, data_dir: Path, lora: bool = True, ba
         timings.append(time.time() - begin)
     del model
     return 1.15 * sum(timings[1:]) / len(timings[1:])
-
-
-class CurveCallback(TrainerCallback):
-    """Every `every` steps: greedy answers on a few validation records of binary, count and localization,
-    scored, with the training minutes so far. Gives the demo's metric-against-time curve."""
-
-    def __init__(self, data_dir: Path, processor, every: int, seed: int = 0, num_records: int = 16,
-                 minutes_before: float = 0.0, steps_before: int = 0, score_at_end: bool = False,
-                 until: int | None = None):
-        self.processor, self.every, self.points = processor, every, []
-        # probes only before step `until` (default: the run's max_steps), so a run that a deadline ends gets the
-        # probes its time was planned with
-        self.until = until
-        # a run that continues an earlier one: its points go after that run's on the curve
-        self.minutes_before, self.steps_before, self.score_at_end = minutes_before, steps_before, score_at_end
-        self.records = {}
-        for task, suffix in (("binary", "binary"), ("count", "count"), ("localization", "loc")):
-            records = load_records(data_dir / "annotations" / f"changechat_val_{suffix}.json", data_dir / "images")
-            self.records[task] = records.shuffle(seed=seed).select(range(min(num_records, len(records))))
-        self.started = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        # where the final evaluation's scores go on the curve (or, with score_at_end, this run's own)
-        point = self._point(state)
-        if self.score_at_end:
-            point.update(quick_scores(model, self.processor, self.records))
-        self.points.append(point)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every or state.global_step >= (self.until or state.max_steps):
-            return
-        point = self._point(state)
-        point.update(quick_scores(model, self.processor, self.records))
-        self.points.append(point)
-        print(f"  curve at step {point['step']}: {point}", flush=True)
-
-    def _point(self, state) -> dict:
-        return {"minutes": self.minutes_before + (time.time() - self.started) / 60,
-                "step": self.steps_before + state.global_step}
-
-
-def quick_scores(model, processor, records_by_task: dict) -> dict:
-    from eval.metrics import score_task
-
-    was_training = model.training
-    model.eval()
-    results = {}
-    for task, records in records_by_task.items():
-        prompts = [processor.apply_chat_template([{"role": "user", "content": q[0]}]) for q in records["questions"]]
-        inputs = processor(images=list(zip(records["image_before"], records["image_after"])), text=prompts)
-        inputs = inputs.to(model.device)
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=NANO_MAX_NEW_TOKENS, do_sample=False)
-        answers = processor.batch_decode(output, prompt_length=inputs["input_ids"].shape[1])
-        scores = score_task(task, answers, [a[0] for a in records["answers"]], meteor=False)
-        results.update(_headline_point({task: scores}))
-    model.train(was_training)
-    return results
-
-
-def _headline_point(metrics: dict) -> dict:
-    point = {}
-    if "binary" in metrics:
-        point["binary accuracy"] = metrics["binary"]["accuracy"] / 100
-    if "count" in metrics:
-        point["count MAE"] = _mean(metrics["count"][k]["mae"] for k in ("roads", "buildings"))
-    if "localization" in metrics:
-        point["localization F1"] = _mean(metrics["localization"][k]["f1"] for k in ("roads", "buildings")) / 100
-    return point
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
-# --- baselines and the summary ---
-
-
-def baseline_scores(data_dir: Path, limit: int) -> dict:
-    """Scores of trivial answers on the same test records: the majority class for binary, always-zero counts,
-    empty localization, the most frequent training answer for captions and open questions, and for each
-    dialogue turn the most frequent training answer at that turn."""
-    from eval.metrics import score_dialogues, score_task
-
-    train = load_records(data_dir / "annotations" / "changechat_train.json", data_dir / "images")
-    most_common = {}
-    for task in ("caption", "binary", "open"):
-        answers = [r["answers"][0] for r in train if r["task"] == task]
-        most_common[task] = Counter(answers).most_common(1)[0][0] if answers else ""
-    constant = {
-        "caption": most_common["caption"],
-        "binary": most_common["binary"],
-        "count": "No roads has changed, and no buildings has changed.",
-        "localization": "roads [] buildings []",
-        "open": most_common["open"],
-    }
-    dialogue_answers = [r["answers"] for r in train if r["task"] == "dialogue"]
-    by_turn = [Counter(answers[i] for answers in dialogue_answers if len(answers) > i) for i in range(8)]
-    turn_constant = [counter.most_common(1)[0][0] if counter else "" for counter in by_turn]
-    results = {}
-    for task, file_name in TASK_FILES.items():
-        records = load_records(data_dir / "annotations" / file_name, data_dir / "images")
-        records = records.select(range(min(limit, len(records))))
-        if task == "dialogue":
-            dialogues = [
-                {
-                    "questions": record["questions"],
-                    "predictions": [
-                        turn_constant[i] if i < len(turn_constant) and turn_constant[i] else constant[task_of_question(q)]
-                        for i, q in enumerate(record["questions"])
-                    ],
-                    "references": record["answers"],
-                }
-                for record in records
-            ]
-            results[task] = score_dialogues(dialogues, meteor=False)
-        else:
-            references = records["references"] if task == "caption" else [a[-1] for a in records["answers"]]
-            changed = [flag == 1 for flag in records["changeflag"]] if task == "caption" else None
-            results[task] = score_task(task, [constant[task]] * len(records), references, changed=changed, meteor=False)
-    return results
-
-
-def headline(task: str, scores: dict) -> float:
-    if task == "caption":
-        return scores["all"]["CIDEr"] if "all" in scores else scores["CIDEr"]
-    if task == "binary":
-        return scores["accuracy"]
-    if task == "count":
-        return _mean(scores[k]["mae"] for k in ("roads", "buildings"))
-    if task == "localization":
-        return _mean(scores[k]["f1"] for k in ("roads", "buildings"))
-    if task == "open":
-        return scores["CIDEr"]
-    final = scores["final_turn"]
-    return final["all"]["CIDEr"] if "all" in final else final["CIDEr"]
-
-
-# The two tasks scored per category: (metric key, its name, format). Their headline is the mean of the two, which
-# can beat its baseline on buildings alone: the 10-minute default never named a changed road (2026-11-28, seeds 0-6),
-# so the table shows each category under its task.
-PER_CATEGORY = {"count": ("mae", "MAE", ".3f"), "localization": ("f1", "micro-F1", ".2f")}
-
-
-def beats_baseline(task: str, ours: float, theirs: float) -> bool:
-    """Is `ours` better than the baseline's `theirs` in `task`'s direction (HEADLINE: higher or lower is better)?"""
-    return ours > theirs if HEADLINE[task][1] else ours < theirs
-
-
-def category_scores(task: str, metrics: dict, baselines: dict) -> dict[str, tuple[float, float, bool]]:
-    """{"roads": (ours, baseline, beats), "buildings": ...} for a PER_CATEGORY task's scores."""
-    key = PER_CATEGORY[task][0]
-    scores = {}
-    for category in ("roads", "buildings"):
-        ours, theirs = metrics[task][category][key], baselines[task][category][key]
-        scores[category] = (ours, theirs, beats_baseline(task, ours, theirs))
-    return scores
-
-
-def summary_table(metrics: dict, baselines: dict) -> str:
-    """The demo's results table: each task's headline against its trivial baseline, then for count and
-    localization each category (roads, buildings) on a row of its own."""
-    rows = ["| task | metric | DeltaVLM-Nano | trivial baseline | beats it |", "| --- | --- | ---: | ---: | :---: |"]
-    for task, (name, _) in HEADLINE.items():
-        if task not in metrics:
-            continue
-        ours, theirs = headline(task, metrics[task]), headline(task, baselines[task])
-        rows.append(f"| {task} | {name} | {ours:.2f} | {theirs:.2f} | "
-                    f"{'yes' if beats_baseline(task, ours, theirs) else 'no'} |")
-        if task in PER_CATEGORY:
-            _, metric, form = PER_CATEGORY[task]
-            for category, (ours, theirs, wins) in category_scores(task, metrics, baselines).items():
-                rows.append(f"| {task}: {category} | {metric} | {ours:{form}} | {theirs:{form}} | "
-                            f"{'yes' if wins else 'no'} |")
-    return "\n".join(rows)
-
-
-def plot_curve(points: list[dict], path: Path, width: int = 640, height: int = 400) -> None:
-    """A line plot (PIL, no plotting library) of each headline metric against training minutes."""
-    from PIL import Image, ImageDraw
-
-    series = [key for key in ("binary accuracy", "localization F1", "count MAE") if any(key in p for p in points)]
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 30, width - 170, height - 50
-    draw.rectangle([left, top, right, bottom], outline="black")
-    max_minutes = max([p["minutes"] for p in points] + [1e-6])
-    max_value = max([1.0] + [p[key] for p in points for key in series if key in p])
-    colours = {"binary accuracy": (31, 119, 180), "localization F1": (44, 160, 44), "count MAE": (214, 39, 40)}
-    for key in series:
-        xy = [
-            (left + (right - left) * p["minutes"] / max_minutes, bottom - (bottom - top) * p[key] / max_value)
-            for p in points
-            if key in p
-        ]
-        if len(xy) > 1:
-            draw.line(xy, fill=colours[key], width=3)
-        for x, y in xy:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[key])
-    for index, key in enumerate(series):
-        y = top + 20 * index
-        draw.line([right + 15, y + 6, right + 35, y + 6], fill=colours[key], width=3)
-        draw.text((right + 40, y), key, fill="black")
-    for fraction in (0.0, 0.5, 1.0):
-        draw.text((left - 45, bottom - (bottom - top) * fraction - 6), f"{max_value * fraction:.2f}", fill="black")
-        draw.text((left + (right - left) * fraction - 10, bottom + 8), f"{max_minutes * fraction:.1f}", fill="black")
-    draw.text(((left + right) // 2 - 60, bottom + 28), "training minutes", fill="black")
-    draw.text((left, 8), "DeltaVLM-Nano on held-out synthetic pairs", fill="black")
-    image.save(path)
 
 
 # --- asking ---

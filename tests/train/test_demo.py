@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
+from train.deadline import StopAtDeadline
 from train.demo import (
-    DIALOGUE_IMAGE_SWAP, HEADLINE, SMALL_BATCH_BELOW_MINUTES, StopAtDeadline, baseline_scores, build_parser, headline, main, nano_model_card,
-    UNTAILED_TASK_WEIGHTS, plot_curve, probe_every, probes_per_run, size_warm_up, summary_table, train_batch_size,
+    DIALOGUE_IMAGE_SWAP, SMALL_BATCH_BELOW_MINUTES, build_parser, main, nano_model_card,
+    UNTAILED_TASK_WEIGHTS, probe_every, probes_per_run, size_warm_up, train_batch_size,
     change_flag_weight, qformer_learning_rate, vision_learning_rate, vision_ramp_steps, MIN_BATCH32_RAMP_STEPS,
 )
+from train.demo_results import HEADLINE, baseline_scores, headline, plot_curve, summary_table
 from train.synthetic import write_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -379,7 +381,8 @@ def test_learning_rate_follows_the_clock_to_zero_at_the_deadline(tmp_path, synth
     import yaml
     from transformers import TrainerCallback
 
-    from train.demo import NANO_LEARNING_RATE, CosineToDeadline, _write_train_config
+    from train.deadline import CosineToDeadline
+    from train.demo import NANO_LEARNING_RATE, _write_train_config
     from train.run_train import main as train_main
 
     class RecordRates(TrainerCallback):
@@ -428,7 +431,8 @@ def test_the_deadline_moves_earlier_to_leave_the_evaluation_its_steps(tmp_path, 
     the budget's end: slower steps than timed move the deadline earlier, faster ones later, up to `latest`."""
     import time
 
-    from train.demo import CosineToDeadline, _write_train_config
+    from train.deadline import CosineToDeadline
+    from train.demo import _write_train_config
     from train.run_train import main as train_main
 
     config_path = _write_train_config(tmp_path, tiny_model_dir, synthetic, tmp_path / "model", max_steps=100000,
@@ -537,7 +541,7 @@ def test_curve_probes_stop_at_the_planned_step(synthetic, tiny_processor, tiny_m
     them (a probe there would take time the budget did not plan)."""
     from types import SimpleNamespace
 
-    from train.demo import CurveCallback
+    from train.demo_results import CurveCallback
 
     probe = CurveCallback(synthetic, tiny_processor, every=2, num_records=2, until=4)
     probe.on_train_begin(None, None, None)
@@ -555,7 +559,7 @@ def test_the_demo_batch_must_split_into_its_micro_batches(tmp_path, synthetic, t
 
 
 def test_the_tail_deadline_is_set_when_the_tail_starts():
-    from train.demo import tail_deadline
+    from train.deadline import tail_deadline
 
     # the mixed run ended on plan: the tail keeps the stage's deadline
     assert tail_deadline(100.0, 20.0, latest=130.0, now=80.0) == 100.0
@@ -589,13 +593,17 @@ def test_a_mixed_run_that_ends_late_leaves_the_focused_tail_its_time(tmp_path, s
     import argparse
     import types
 
-    import train.demo
+    import train.deadline
+    import train.demo_results
     from train.demo import _instruction_tuning
 
-    # the demo's clock moves one second each time it is read, so that the steps the deadlines allow are the same on
-    # any machine (on the real clock a tiny step took 0.5 s idle and over 10 s beside other jobs, and this failed)
+    # the deadlines' clock (and the curve's) moves one second each time it is read, so that the steps the deadlines
+    # allow are the same on any machine (on the real clock a tiny step took 0.5 s idle and over 10 s beside other
+    # jobs, and this failed)
     readings = iter(range(10**9))
-    monkeypatch.setattr(train.demo, "time", types.SimpleNamespace(time=lambda: float(next(readings))))
+    clock = types.SimpleNamespace(time=lambda: float(next(readings)))
+    monkeypatch.setattr(train.deadline, "time", clock)
+    monkeypatch.setattr(train.demo_results, "time", clock)
     out, said = tmp_path / "demo", []
     out.mkdir()
     # planned: the stage ends at 30, the last 20 s the tail's. The budget's end is far, so after three steps the
