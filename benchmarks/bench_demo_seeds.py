@@ -3,7 +3,7 @@
     python benchmarks/bench_demo_seeds.py [--seeds 0 1 2 3 4 5 6 7] [--root DIR] [--budget-minutes 10]
         [--from-sweep EARLIER_ROOT] [-- <more demo arguments>]
 
-Each seed is its own data set, warm-up and language stage, so its own trivial baselines (`train.demo.
+Each seed is its own data set, warm-up and language stage, so its own trivial baselines (`train.demo_results.
 baseline_scores` on the same test records). The runs go one after the other, each in a fresh process (the demo is
 clock-driven: never run anything else beside it). A seed whose folder `DIR/seed<N>` already holds an evaluation
 is collected, not rerun, so an interrupted sweep resumes where it stopped. For each run the table gives the
