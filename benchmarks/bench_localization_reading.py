@@ -15,7 +15,16 @@ ChangeChat-105k layout) and its `images/` tree. Three measurements on one model:
 3. **what the queries carry**: a linear probe on the frozen Q-Former outputs (all queries flattened, the
    localization prompt as the Q-Former's instruction) fitted on `--probe-pairs` training pairs' 18
    (category, cell) facts and scored on the test pairs, overall and per cell. It bounds what a reader of the
-   queries could get from them without changing the encoder.
+   queries could get from them without changing the encoder. Micro-F1 over all pairs mostly rewards knowing
+   *whether* a category changed (an unchanged pair's 18 noes); the **within-pair cell AUC** asks *where*: over the
+   test pairs where a category changed in some but not all cells, how often the probe scores a changed cell of
+   that category above an unchanged one (0.5: no idea where, 1: always right);
+4. **what the patches carry**: the same two scores for a probe shared by the nine cells on the difference
+   module's patch tokens (max and mean over each cell's patches of Z_B - Z_A, Z_A and Z_B; a patch belongs to
+   the cell its centre lies in): the vision side's *where*, read with the position given;
+5. **one cell at a time**: the model's yes/no answers to `train.data.CELL_QUESTION` ("has any building changed
+   in the top-left cell of the 3x3 grid?"), one question about a changed and one about an unchanged cell of
+   each category that changed in a test pair (balanced: 0.5 is chance), through `deltavlm eval --task binary`.
 
 Per cell it also counts how often the answers name the cell, how often it is true and how often both: a reader
 that ignores the image names the same few cells whatever the pair.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from collections import Counter
@@ -56,15 +66,16 @@ def training_localization_records(annotations: Path, limit: int) -> list[dict]:
     return picked[:limit]
 
 
-def answer(model: str, annotations: Path, image_root: Path, split: str, limit: int, out: Path) -> list[dict]:
-    """Greedy localization answers through `deltavlm eval`; returns its prediction lines."""
+def answer(model: str, annotations: Path, image_root: Path, split: str, limit: int, out: Path,
+           task: str = "localization") -> list[dict]:
+    """Greedy answers to `task` records through `deltavlm eval`; returns its prediction lines."""
     from eval.run_eval import main as eval_main
 
     code = eval_main(["--model", model, "--data", str(annotations), "--image-root", str(image_root), "--split", split,
-                      "--task", "localization", "--limit", str(limit), "--no-meteor", "--batch-size", "16",
+                      "--task", task, "--limit", str(limit), "--no-meteor", "--batch-size", "16",
                       *DECODING, "--out", str(out)])
     if code:
-        raise RuntimeError(f"deltavlm eval failed on the {split} localization records (exit code {code})")
+        raise RuntimeError(f"deltavlm eval failed on the {split} {task} records (exit code {code})")
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
 
 
@@ -138,26 +149,37 @@ def labelled_pairs(annotations: Path, image_root: Path, split: str, limit: int) 
     return pairs, torch.tensor(cells)
 
 
-def probe_scores(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) -> dict:
-    """Fit a linear probe (standardised inputs, changed cells weighted 2x) and score micro-F1 and per-cell F1."""
-    from processing.conversation import GRID_CELLS
-
+def fit_linear_probe(train_x, train_y, test_x, steps: int, seed: int = 0):
+    """A linear probe (..., F) -> (..., C) fitted with Adam on standardised inputs (statistics over all but the last
+    dimension of `train_x`), positives weighted 2x (changes are rare). Returns it and the standardised inputs."""
     torch.manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    flat = train_x.flatten(0, -2)
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    probe = torch.nn.Linear(train_x.shape[1], train_y.shape[1])
+    probe = torch.nn.Linear(train_x.shape[-1], train_y.shape[-1])
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3, weight_decay=1e-3)
-    weight = torch.full((train_y.shape[1],), 2.0)
+    weight = torch.full((train_y.shape[-1],), 2.0)
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
             torch.nn.functional.binary_cross_entropy_with_logits(probe(train_x), train_y, pos_weight=weight).backward()
             optimizer.step()
+    return probe, train_x, test_x
+
+
+def probe_scores(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) -> dict:
+    """Fit a linear probe (standardised inputs, changed cells weighted 2x) and score micro-F1 and per-cell F1."""
+    from processing.conversation import GRID_CELLS
+
+    probe, train_x, test_x = fit_linear_probe(train_x, train_y, test_x, steps, seed)
     scores = {}
     for name, x, y in (("train", train_x, train_y), ("held_out", test_x, test_y)):
         predicted, true = probe(x) > 0, y.bool()
         scores[f"{name}_micro_f1"] = _f1((predicted & true).sum().item(), predicted.sum().item(), true.sum().item())
-    predicted, true = probe(test_x) > 0, test_y.bool()
+    with torch.no_grad():
+        test_scores = probe(test_x)
+    scores["held_out_within_pair_auc"] = within_pair_auc(test_scores, test_y)
+    predicted, true = test_scores > 0, test_y.bool()
     scores["held_out_cell_f1"] = {
         category: {cell: _f1((predicted[:, 9 * k + j] & true[:, 9 * k + j]).sum().item(),
                              predicted[:, 9 * k + j].sum().item(), true[:, 9 * k + j].sum().item())
@@ -165,6 +187,109 @@ def probe_scores(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) ->
         for k, category in enumerate(CATEGORIES)
     }
     return scores
+
+
+def within_pair_auc(scores: torch.Tensor, cells: torch.Tensor) -> dict:
+    """scores, cells (N, 18) in (roads' 9 cells, buildings' 9 cells) order -> per category the mean, over the pairs
+    where that category changed in some but not all cells, of P(score of a changed cell > score of an unchanged
+    one) (ties count half), and how many pairs that is."""
+    result = {}
+    for k, category in enumerate(CATEGORIES):
+        values = []
+        for row_scores, row_cells in zip(scores[:, 9 * k : 9 * k + 9], cells[:, 9 * k : 9 * k + 9].bool()):
+            if 0 < row_cells.sum() < 9:
+                above = row_scores[row_cells][:, None] - row_scores[~row_cells][None, :]
+                values.append(((above > 0).float() + 0.5 * (above == 0).float()).mean().item())
+        result[category] = {"auc": round(sum(values) / len(values), 3) if values else None, "pairs": len(values)}
+    return result
+
+
+def cell_patches(grid: int) -> list[torch.Tensor]:
+    """For each of the 9 cells (row-major), the indices of the patches of a grid x grid patch grid whose centre lies
+    in it; a cell that no centre falls in (grids under 3x3) takes the patches that overlap it."""
+    centre_band = [(2 * p + 1) * 3 // (2 * grid) for p in range(grid)]  # row/column of patches -> band 0..2
+    members = []
+    for cell in range(9):
+        bands = [[p for p in range(grid) if centre_band[p] == band] or
+                 [p for p in range(grid) if p * 3 < (band + 1) * grid and (p + 1) * 3 > band * grid]
+                 for band in divmod(cell, 3)]
+        members.append(torch.tensor([r * grid + c for r in bands[0] for c in bands[1]]))
+    return members
+
+
+@torch.no_grad()
+def patch_cell_features(model, processor, pairs: list[tuple[str, str]], batch_size: int = 32) -> torch.Tensor:
+    """(N, 9, 6D) per grid cell: max and mean over the cell's patches of the difference module's Z_B - Z_A, Z_A and
+    Z_B (each image's first token, the class token, left out); a patch belongs to the cell its centre lies in
+    (`cell_patches`)."""
+    features = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        inputs = processor(images=batch, text=[""] * len(batch))
+        pair_embeds = model.get_pair_embeds(inputs["pixel_values"]).pair_embeds.float()  # (B, 2S, D)
+        tokens = pair_embeds.shape[1] // 2
+        grid = math.isqrt(tokens - 1)
+        if grid * grid != tokens - 1:
+            raise ValueError(f"expected a class token and a square patch grid per image, got {tokens} tokens")
+        before, after = pair_embeds[:, 1:tokens], pair_embeds[:, tokens + 1 :]
+        patches = torch.cat([after - before, before, after], dim=-1)  # (B, grid*grid, 3D)
+        members = cell_patches(grid)
+        pooled = [torch.cat([patches[:, index].amax(1), patches[:, index].mean(1)], -1) for index in members]
+        features.append(torch.stack(pooled, dim=1))
+    return torch.cat(features)
+
+
+def patch_probe_scores(train_x, train_y, test_x, test_y, steps: int, seed: int = 0) -> dict:
+    """A linear probe shared by the nine cells ((N, 9, F) -> roads / buildings changed there), standardised inputs,
+    changed cells weighted 2x: held-out micro-F1 and within-pair cell AUC."""
+    per_cell = torch.stack([train_y[:, :9], train_y[:, 9:]], dim=-1).float()  # (N, 18) -> (N, 9, 2)
+    probe, _, test_x = fit_linear_probe(train_x, per_cell, test_x, steps, seed)
+    with torch.no_grad():
+        logits = probe(test_x)  # (N, 9, 2)
+    scores = torch.cat([logits[..., 0], logits[..., 1]], dim=1)  # back to (N, 18)
+    predicted, true = scores > 0, test_y.bool()
+    return {"held_out_micro_f1": _f1((predicted & true).sum().item(), predicted.sum().item(), true.sum().item()),
+            "within_pair_auc": within_pair_auc(scores, test_y)}
+
+
+def cell_question_records(annotations: Path, limit: int, seed: int = 0) -> list[dict]:
+    """Balanced single-cell yes/no records (instruction schema) from the first `limit` test localization records:
+    for each category that changed in a pair, one question about a changed cell and, unless all nine changed, one
+    about an unchanged cell."""
+    import random
+
+    from eval.parsers import parse_localization
+    from processing.conversation import GRID_CELLS
+    from train.data import CELL_QUESTION
+
+    rng = random.Random(seed)
+    records = []
+    for record in json.loads((annotations / "changechat_test_loc.json").read_text())[:limit]:
+        cells = parse_localization(record["conversations"][1]["value"])
+        for category, noun in (("roads", "road"), ("buildings", "building")):
+            changed = cells[category] if cells else []
+            if not changed:
+                continue
+            unchanged = [cell for cell in GRID_CELLS if cell not in changed]
+            for answer, pool in (("Yes", changed), ("No", unchanged)):
+                if pool:
+                    cell = rng.choice(pool)
+                    question = "<image> <image> " + CELL_QUESTION.format(category=noun, cell=cell)
+                    records.append({"id": f"{record['id']}_{noun}_{cell}", "image": record["image"], "conversations": [
+                        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+def cell_question_statistics(lines: list[dict]) -> dict:
+    """Accuracy of the yes/no answers, and the (truth, answer) counts."""
+    from eval.parsers import parse_binary
+
+    pairs = Counter()
+    for line in lines:
+        truth, said = parse_binary(line["references"][0]), parse_binary(line["prediction"])
+        pairs[f"{'yes' if truth else 'no'} answered {'unparsed' if said is None else 'yes' if said else 'no'}"] += 1
+    right = pairs["yes answered yes"] + pairs["no answered no"]
+    return {"questions": len(lines), "accuracy": round(right / max(1, len(lines)), 3), "answers": dict(pairs)}
 
 
 def markdown(payload: dict) -> str:
@@ -182,6 +307,16 @@ def markdown(payload: dict) -> str:
     text += (f"\n\nLinear probe on the frozen queries (all 18 cells): micro-F1 {probe['train_micro_f1']} on its "
              f"{payload['probe_pairs']['train']} training pairs, **{probe['held_out_micro_f1']}** on "
              f"{payload['probe_pairs']['held_out']} held-out test pairs.\n\n")
+    auc_rows = [[reader, *(f"{side[c]['auc']} ({side[c]['pairs']} pairs)" for c in CATEGORIES), f1]
+                for reader, side, f1 in (
+                    ("probe on the queries", probe["held_out_within_pair_auc"], probe["held_out_micro_f1"]),
+                    ("probe on the patches (shared by the cells)", payload["patch_probe"]["within_pair_auc"],
+                     payload["patch_probe"]["held_out_micro_f1"]))]
+    text += "Where, not whether (held out; 0.5: no idea where):\n\n" + common.markdown_table(
+        ["reader", "within-pair cell AUC roads", "within-pair cell AUC buildings", "micro-F1"], auc_rows)
+    questions = payload["cell_questions"]
+    text += (f"\n\nOne cell at a time (balanced yes/no, chance 0.5): the model answers **{questions['accuracy']}** "
+             f"of {questions['questions']} right; {questions['answers']}.\n\n")
     cell_rows = []
     for category in CATEGORIES:
         for cell in GRID_CELLS:
@@ -222,6 +357,12 @@ def main(argv=None):
         (training_dir / "changechat_train_loc.json").write_text(
             json.dumps(training_localization_records(annotations, args.limit)))
         training = answer(args.model, training_dir, image_root, "train", args.limit, scratch / "train")
+        questions_dir = scratch / "cell_questions"
+        questions_dir.mkdir()
+        questions = cell_question_records(annotations, args.limit)
+        (questions_dir / "changechat_test_binary.json").write_text(json.dumps(questions))
+        cell_answers = answer(args.model, questions_dir, image_root, "test", max(1, len(questions)),
+                              scratch / "cell_answers", task="binary") if questions else []
 
     import modeling_deltavlm  # noqa: F401  (Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -232,11 +373,14 @@ def main(argv=None):
     test_pairs, test_cells = labelled_pairs(annotations, image_root, "test", args.limit)
     probe = probe_scores(query_features(model, processor, train_pairs), train_cells,
                          query_features(model, processor, test_pairs), test_cells, args.probe_steps)
+    patches = patch_probe_scores(patch_cell_features(model, processor, train_pairs), train_cells,
+                                 patch_cell_features(model, processor, test_pairs), test_cells, args.probe_steps)
 
     payload = {
         "model": str(args.model), "data": str(data), "machine": info,
         "answers_held_out": answer_statistics(held_out), "answers_training": answer_statistics(training),
         "probe": probe, "probe_pairs": {"train": len(train_pairs), "held_out": len(test_pairs)},
+        "patch_probe": patches, "cell_questions": cell_question_statistics(cell_answers),
     }
     common.save(args.name, payload, markdown(payload), args.out)
 

@@ -259,6 +259,38 @@ def test_localization_reading_statistics():
     assert stats["cells"]["buildings"]["top-left"] == {"named": 0, "true": 1, "both": 0}
 
 
+def test_within_pair_auc_asks_where_not_whether():
+    """Only pairs where a category changed in some but not all cells count; a score that ranks every changed cell
+    first gets 1, one that ranks them last 0, ties a half."""
+    import torch
+
+    from benchmarks.bench_localization_reading import within_pair_auc
+
+    cells = torch.zeros(4, 18)
+    cells[0, [0, 1]] = 1  # roads changed in two cells
+    cells[1, 9:] = 1  # buildings everywhere: no unchanged cell to rank against
+    cells[2, [9, 12]] = 1
+    scores = torch.zeros(4, 18)  # pair 3 changed nowhere: left out, whatever its scores
+    scores[0, [0, 1]] = 2.0
+    scores[0, 2] = 3.0  # one unchanged road cell above both changed ones: 6 of 7 comparisons won
+    scores[2] = torch.arange(18.0)  # changed building cells 0 and 3 of 9: beat 0 and 2 of the 7 unchanged
+    assert within_pair_auc(scores, cells) == {"roads": {"auc": round(6 / 7, 3), "pairs": 1},
+                                              "buildings": {"auc": round(1 / 7, 3), "pairs": 1}}
+    assert within_pair_auc(torch.zeros(4, 18), cells)["roads"]["auc"] == 0.5  # all ties: no idea where
+    assert within_pair_auc(scores, torch.zeros(4, 18))["roads"] == {"auc": None, "pairs": 0}
+
+
+def test_patches_belong_to_the_cell_their_centre_lies_in():
+    from benchmarks.bench_localization_reading import cell_patches
+
+    ten = [cells.tolist() for cells in cell_patches(10)]  # Nano: 10x10 patches, cell edges at 3.33 and 6.67
+    assert ten[0] == [0, 1, 2, 10, 11, 12, 20, 21, 22] and len(ten[4]) == 16 and ten[8][-1] == 99
+    assert sorted(sum(ten, [])) == list(range(100))  # each patch in exactly one cell
+    assert [cells.tolist() for cells in cell_patches(3)] == [[k] for k in range(9)]
+    two = [cells.tolist() for cells in cell_patches(2)]  # no centre in the middle band: the overlapping patches
+    assert two[0] == [0] and two[1] == [0, 1] and two[4] == [0, 1, 2, 3] and two[8] == [3]
+
+
 def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
     from train.synthetic import write_dataset
 
@@ -277,6 +309,12 @@ def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
     assert payload["probe_pairs"]["train"] == 6
     assert 0.0 <= payload["probe"]["held_out_micro_f1"] <= 1.0
     assert "Linear probe on the frozen queries" in markdown and "answers, training records" in markdown
+    for scores in (payload["probe"]["held_out_within_pair_auc"], payload["patch_probe"]["within_pair_auc"]):
+        assert set(scores) == {"roads", "buildings"}
+        assert all(side["auc"] is None or 0.0 <= side["auc"] <= 1.0 for side in scores.values())
+    questions = payload["cell_questions"]
+    assert questions["questions"] == sum(questions["answers"].values()) and 0.0 <= questions["accuracy"] <= 1.0
+    assert "within-pair cell AUC" in markdown and "One cell at a time" in markdown
     # a folder that is not a data set is named in the error, before any model is loaded
     bad = subprocess.run(command[:4] + ["--data", str(tmp_path / "nothing")], capture_output=True, text=True,
                          cwd=REPO, timeout=300, check=False)

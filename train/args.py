@@ -89,6 +89,11 @@ class DataArguments:
         metadata={"help": "share of the dialogues' closing rounds trained on another dialogue's images, so that the "
                   "answer must follow the conversation so far (train.data.swap_closing_round_images)"},
     )
+    localization_cell_questions: int = field(
+        default=0,
+        metadata={"help": "yes/no questions about one grid cell derived from each localization sample, per category "
+                  "(train.data.add_cell_questions); 0: none"},
+    )
     length_window_steps: int = field(
         default=4,
         metadata={"help": "with training.train_sampling_strategy group_by_length: optimizer steps per window of "

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 
 from processing.changechat_data import TASKS, load_records, missing_images
-from processing.conversation import MAX_PROMPT_WORDS, TASK_PROMPTS, expand_rounds, normalize_text
+from processing.conversation import GRID_CELLS, MAX_PROMPT_WORDS, TASK_PROMPTS, expand_rounds, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,55 @@ def swap_closing_round_images(samples: datasets.Dataset, share: float, seed: int
     return samples.map(swap, with_indices=True, features=SAMPLE_FEATURES, load_from_cache_file=False)
 
 
+CELL_QUESTION = "Has any {category} changed in the {cell} cell of the 3x3 grid? Please answer yes or no."
+
+
+def add_cell_questions(samples: datasets.Dataset, per_category: int, template: str = "deltavlm",
+                       seed: int = 0) -> datasets.Dataset:
+    """Derive `per_category` yes/no questions per category (roads, buildings) from each localization sample: "has any building changed in the top-left cell of the 3x3 grid?", answered from that sample's own cell
+    lists. The cell asked about is one the answer lists with probability 1/2 (when it lists any), else one it does not
+    (one draw per question from `seed`). The new samples are tagged "localization", so `task_weights` apply to them.
+
+    Why: a localization answer is a list in which every cell is a decision; trained only on the lists, a short
+    language stage answers with a few stock lists (docs/nano_experiments.md). A question about one cell is one such
+    decision on its own, the kind of yes/no the language stage learns fastest.
+    """
+    if per_category < 0:
+        raise ValueError(f"data.localization_cell_questions must be >= 0, got {per_category!r}")
+    if per_category == 0:
+        return samples
+    from eval.parsers import parse_localization  # the evaluation's reading of the answer format
+
+    rng = np.random.default_rng(seed)
+    added = {name: [] for name in SAMPLE_FEATURES}
+    for row in samples:
+        if row["task"] != "localization":
+            continue
+        cells = parse_localization(row["answer"])
+        if cells is None:
+            continue
+        for category, noun in (("roads", "road"), ("buildings", "building")):
+            listed = cells[category]
+            unlisted = [cell for cell in GRID_CELLS if cell not in listed]
+            for _ in range(per_category):
+                positive = bool(listed) and (not unlisted or rng.random() < 0.5)
+                pool = listed if positive else unlisted
+                cell = pool[int(rng.integers(len(pool)))]
+                question = CELL_QUESTION.format(category=noun, cell=cell)
+                prompt, answer = render_sample([(question, "Yes" if positive else "No")], template)[0]
+                for name, value in (("id", f"{row['id']}_cell"), ("task", "localization"),
+                                    ("image_before", row["image_before"]), ("image_after", row["image_after"]),
+                                    ("prompt", prompt), ("answer", answer), ("length", len(prompt) + len(answer)),
+                                    ("index", 0)):
+                    added[name].append(value)
+    if not added["id"]:
+        logger.warning("data.localization_cell_questions: no localization sample to derive cell questions from")
+        return samples
+    logger.info("data.localization_cell_questions %d: %d cell questions added", per_category, len(added["id"]))
+    extended = datasets.concatenate_datasets([samples, datasets.Dataset.from_dict(added, features=SAMPLE_FEATURES)])
+    return extended.map(lambda _, i: {"index": i}, with_indices=True, features=SAMPLE_FEATURES)
+
+
 def parse_task_weights(value) -> dict[str, float] | None:
     """`data.task_weights` (a mapping, a JSON string of one, or None) -> {task: weight}, checked."""
     if value is None:
@@ -264,6 +313,7 @@ def _levircc_root(data_args) -> str:
 
 __all__ = [
     "SAMPLE_FEATURES",
+    "add_cell_questions",
     "caption_prompt",
     "check_answers",
     "check_images",

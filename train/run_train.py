@@ -18,6 +18,7 @@ from transformers import EarlyStoppingCallback, set_seed
 from .args import SECTIONS, parse_args
 from .collator import EpochCallback, TrainCollator
 from .data import (
+    add_cell_questions,
     caption_prompt,
     load_train_records,
     load_val_records,
@@ -56,6 +57,8 @@ def main(argv=None, callbacks=()) -> int:
     data_args.task_weights = parse_task_weights(data_args.task_weights)  # a typo'd task name fails before any loading
     if not 0.0 <= data_args.dialogue_image_swap <= 1.0:
         raise ValueError(f"data.dialogue_image_swap must lie in [0, 1], got {data_args.dialogue_image_swap}")
+    if data_args.localization_cell_questions < 0:
+        raise ValueError(f"data.localization_cell_questions must be >= 0, got {data_args.localization_cell_questions}")
     training_args.resume_from_checkpoint = complete_checkpoint(training_args.resume_from_checkpoint,
                                                                training_args.output_dir)
     if export_args.reference_language_model and (model_args.lora or model_args.qlora) and export_args.merge_lora:
@@ -65,6 +68,8 @@ def main(argv=None, callbacks=()) -> int:
     train_records = load_train_records(data_args)
     train_samples = records_to_samples(train_records, data_args.template, data_args.captions_per_pair)
     train_samples = swap_closing_round_images(train_samples, data_args.dialogue_image_swap, seed=training_args.seed)
+    train_samples = add_cell_questions(train_samples, data_args.localization_cell_questions, data_args.template,
+                                       seed=training_args.seed)
     train_samples = weigh_tasks(train_samples, data_args.task_weights, seed=training_args.seed)
     val_records = load_val_records(data_args)
     logger.info("%d training samples from %d records; %s validation pairs", len(train_samples), len(train_records),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from processing.conversation import TASK_PROMPTS
+from processing.conversation import GRID_CELLS, TASK_PROMPTS
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "levir_cc" / "sample"
 IMAGES = SAMPLE_ROOT / "images"
@@ -251,6 +251,44 @@ def test_task_weights_from_the_command_line_fail_before_loading(tmp_path, shared
         main(["--config", str(config), "--task_weights", '{"loc": 2}'])
     with pytest.raises(ValueError, match=r"data.dialogue_image_swap must lie in \[0, 1\], got 2.0"):
         main(["--config", str(config), "--dialogue_image_swap", "2"])
+    with pytest.raises(ValueError, match="data.localization_cell_questions must be >= 0, got -1"):
+        main(["--config", str(config), "--localization_cell_questions", "-1"])
+
+
+def test_cell_questions_are_answered_from_the_localization_answer(tmp_path, shared_dir):
+    """Each localization sample gives `per_category` yes/no questions per category, each answered by whether its
+    cell is in that category's list; other tasks give none; the draw is fixed by the seed."""
+    from eval.parsers import parse_localization
+    from train.data import add_cell_questions
+
+    answers = ["roads ['bottom-left'] buildings ['top-left', 'center-center']", "roads [] buildings []",
+               "roads [] buildings ['top-left', 'top-center', 'top-right', 'center-left', 'center-center', "
+               "'center-right', 'bottom-left', 'bottom-center', 'bottom-right']"]
+    records = [binary_record(0)]
+    for i, answer in enumerate(answers):
+        record = localization_record(i)
+        record["conversations"][1]["value"] = answer
+        records.append(record)
+    samples = samples_of(tmp_path, records)
+    extended = add_cell_questions(samples, 2, seed=0)
+    added = [row for row in extended if row["id"].endswith("_cell")]
+    assert len(added) == 3 * 2 * 2  # 3 localization samples, 2 categories, 2 questions each
+    assert extended.select(range(len(samples)))["prompt"] == samples["prompt"]  # the originals stay, in order
+    assert extended["index"] == list(range(len(extended)))
+    truth = {f"l{i}_cell": parse_localization(answer) for i, answer in enumerate(answers)}
+    seen = set()
+    for row in added:
+        assert row["task"] == "localization" and row["answer"] in ("yes", "no")
+        category = "roads" if " road " in row["prompt"] else "buildings"
+        cell = next(cell for cell in GRID_CELLS if f" {cell} cell" in row["prompt"])
+        assert (cell in truth[row["id"]][category]) == (row["answer"] == "yes"), row
+        seen.add((row["id"], category, row["answer"]))
+    assert ("l1_cell", "buildings", "yes") not in seen  # nothing listed: every question is a "no"
+    assert ("l2_cell", "buildings", "no") not in seen  # everything listed: every question is a "yes"
+    assert add_cell_questions(samples, 2, seed=0)["prompt"] == extended["prompt"]
+    assert add_cell_questions(samples, 0)["prompt"] == samples["prompt"]
+    with pytest.raises(ValueError, match="localization_cell_questions must be >= 0"):
+        add_cell_questions(samples, -1)
 
 
 TRAIN_PAIRS = [(f"train/A/train_{n}.png", f"train/B/train_{n}.png") for n in ("000016", "000051", "000054", "000553", "001652")]
