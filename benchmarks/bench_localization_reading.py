@@ -18,7 +18,8 @@ ChangeChat-105k layout) and its `images/` tree. Three measurements on one model:
    queries could get from them without changing the encoder. Micro-F1 over all pairs mostly rewards knowing
    *whether* a category changed (an unchanged pair's 18 noes); the **within-pair cell AUC** asks *where*: over the
    test pairs where a category changed in some but not all cells, how often the probe scores a changed cell of
-   that category above an unchanged one (0.5: no idea where, 1: always right);
+   that category above an unchanged one (0.5: no idea where, 1: always right); both also for a probe on the
+   queries' mean (what an attention that weighs the queries alike would pass on to the language model);
 4. **what the patches carry**: the same two scores for a probe shared by the nine cells on the difference
    module's patch tokens (max and mean over each cell's patches of Z_B - Z_A, Z_A and Z_B; a patch belongs to
    the cell its centre lies in): the vision side's *where*, read with the position given;
@@ -129,6 +130,29 @@ def query_features(model, processor, pairs: list[tuple[str, str]], batch_size: i
         )
         features.append(output.query_output.flatten(1).float())
     return torch.cat(features)
+
+
+@torch.no_grad()
+def soft_prompt_statistics(model, processor, pairs: list[tuple[str, str]], batch_size: int = 32) -> dict:
+    """What the language model receives (the projected queries under the localization prompt) beside its own token
+    embeddings: mean norms, and the share of the soft prompt's energy that is the same for every pair."""
+    from processing.conversation import TASK_PROMPTS
+
+    prompt = processor.apply_chat_template([{"role": "user", "content": TASK_PROMPTS["localization"]}])
+    projected = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        inputs = processor(images=batch, text=[prompt] * len(batch))
+        projected.append(model.get_image_features(
+            pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
+            qformer_attention_mask=inputs["qformer_attention_mask"]).pooler_output.float())
+    projected = torch.cat(projected)  # (N, Q, H)
+    flat = projected.flatten(1)
+    return {
+        "soft_prompt_norm": round(projected.norm(dim=-1).mean().item(), 3),
+        "token_embedding_norm": round(model.get_input_embeddings().weight.float().norm(dim=-1).mean().item(), 3),
+        "share_common_to_all_pairs": round((flat.mean(0).pow(2).sum() / flat.pow(2).sum(1).mean()).item(), 3),
+    }
 
 
 def labelled_pairs(annotations: Path, image_root: Path, split: str, limit: int) -> tuple[list, torch.Tensor]:
@@ -310,10 +334,16 @@ def markdown(payload: dict) -> str:
     auc_rows = [[reader, *(f"{side[c]['auc']} ({side[c]['pairs']} pairs)" for c in CATEGORIES), f1]
                 for reader, side, f1 in (
                     ("probe on the queries", probe["held_out_within_pair_auc"], probe["held_out_micro_f1"]),
+                    ("probe on the queries' mean", payload["mean_query_probe"]["held_out_within_pair_auc"],
+                     payload["mean_query_probe"]["held_out_micro_f1"]),
                     ("probe on the patches (shared by the cells)", payload["patch_probe"]["within_pair_auc"],
                      payload["patch_probe"]["held_out_micro_f1"]))]
     text += "Where, not whether (held out; 0.5: no idea where):\n\n" + common.markdown_table(
         ["reader", "within-pair cell AUC roads", "within-pair cell AUC buildings", "micro-F1"], auc_rows)
+    prompt = payload["soft_prompt"]
+    text += (f"\n\nThe language model's input (held-out pairs, localization prompt): soft-prompt vectors of mean norm "
+             f"{prompt['soft_prompt_norm']} against {prompt['token_embedding_norm']} for its token embeddings; "
+             f"{prompt['share_common_to_all_pairs']} of the soft prompt's energy is the same for every pair.")
     questions = payload["cell_questions"]
     text += (f"\n\nOne cell at a time (balanced yes/no, chance 0.5): the model answers **{questions['accuracy']}** "
              f"of {questions['questions']} right; {questions['answers']}.\n\n")
@@ -371,8 +401,12 @@ def main(argv=None):
     processor = AutoProcessor.from_pretrained(args.model)
     train_pairs, train_cells = labelled_pairs(annotations, image_root, "train", args.probe_pairs)
     test_pairs, test_cells = labelled_pairs(annotations, image_root, "test", args.limit)
-    probe = probe_scores(query_features(model, processor, train_pairs), train_cells,
-                         query_features(model, processor, test_pairs), test_cells, args.probe_steps)
+    train_queries, test_queries = query_features(model, processor, train_pairs), query_features(model, processor, test_pairs)
+    probe = probe_scores(train_queries, train_cells, test_queries, test_cells, args.probe_steps)
+    # the queries' mean: what an attention that weighs the 16 queries alike would pass on
+    mean_of_queries = [features.reshape(len(features), model.config.num_query_tokens, -1).mean(1)
+                       for features in (train_queries, test_queries)]
+    mean_probe = probe_scores(mean_of_queries[0], train_cells, mean_of_queries[1], test_cells, args.probe_steps)
     patches = patch_probe_scores(patch_cell_features(model, processor, train_pairs), train_cells,
                                  patch_cell_features(model, processor, test_pairs), test_cells, args.probe_steps)
 
@@ -380,7 +414,8 @@ def main(argv=None):
         "model": str(args.model), "data": str(data), "machine": info,
         "answers_held_out": answer_statistics(held_out), "answers_training": answer_statistics(training),
         "probe": probe, "probe_pairs": {"train": len(train_pairs), "held_out": len(test_pairs)},
-        "patch_probe": patches, "cell_questions": cell_question_statistics(cell_answers),
+        "mean_query_probe": mean_probe, "patch_probe": patches,
+        "soft_prompt": soft_prompt_statistics(model, processor, test_pairs), "cell_questions": cell_question_statistics(cell_answers),
     }
     common.save(args.name, payload, markdown(payload), args.out)
 

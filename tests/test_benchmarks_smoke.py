@@ -309,12 +309,15 @@ def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
     assert payload["probe_pairs"]["train"] == 6
     assert 0.0 <= payload["probe"]["held_out_micro_f1"] <= 1.0
     assert "Linear probe on the frozen queries" in markdown and "answers, training records" in markdown
-    for scores in (payload["probe"]["held_out_within_pair_auc"], payload["patch_probe"]["within_pair_auc"]):
+    for scores in (payload["probe"]["held_out_within_pair_auc"], payload["mean_query_probe"]["held_out_within_pair_auc"],
+                   payload["patch_probe"]["within_pair_auc"]):
         assert set(scores) == {"roads", "buildings"}
         assert all(side["auc"] is None or 0.0 <= side["auc"] <= 1.0 for side in scores.values())
+    assert payload["soft_prompt"]["soft_prompt_norm"] > 0 and payload["soft_prompt"]["token_embedding_norm"] > 0
+    assert 0.0 <= payload["soft_prompt"]["share_common_to_all_pairs"] <= 1.0
     questions = payload["cell_questions"]
     assert questions["questions"] == sum(questions["answers"].values()) and 0.0 <= questions["accuracy"] <= 1.0
-    assert "within-pair cell AUC" in markdown and "One cell at a time" in markdown
+    assert "within-pair cell AUC" in markdown and "One cell at a time" in markdown and "queries' mean" in markdown
     # a folder that is not a data set is named in the error, before any model is loaded
     bad = subprocess.run(command[:4] + ["--data", str(tmp_path / "nothing")], capture_output=True, text=True,
                          cwd=REPO, timeout=300, check=False)
