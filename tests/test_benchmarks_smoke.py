@@ -324,6 +324,33 @@ def test_localization_reading_benchmark(tmp_path, tiny_model_dir):
     assert bad.returncode == 2 and "nothing" in bad.stderr and "deltavlm synth" in bad.stderr
 
 
+def test_reader_tail_trains_each_variant_and_scores_the_one_cell_questions(tmp_path, tiny_model_dir):
+    """bench_reader_tail.py: a tail per variant (the model as it is, its projection scaled), each scored on the
+    balanced one-cell questions; a variant that needs a token the tokenizer lacks is refused before any training."""
+    from train.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 40, seed=3)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_reader_tail.py"), "--model", str(tiny_model_dir),
+               "--data", str(data), "--steps", "1", "--questions", "1", "--limit", "8", "--threads", "1",
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command + ["--variants", "plain", "scale:0.5"], capture_output=True, text=True,
+                               cwd=REPO, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "reader_tail")
+    assert list(payload["variants"]) == ["plain", "scale:0.5"]
+    for result in payload["variants"].values():
+        assert result["questions"] > 0 and result["questions"] == sum(result["answers"].values())
+        assert 0.0 <= result["accuracy"] <= 1.0
+    assert "one-cell questions" in markdown
+    refused = subprocess.run(command + ["--variants", "sink"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                             check=False)
+    assert refused.returncode == 2 and "<|im_start|>" in refused.stderr
+    bad = subprocess.run(command + ["--variants", "scale:-1"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         check=False)
+    assert bad.returncode == 2 and "scale:F with F > 0" in bad.stderr
+
+
 def test_tail_with_trainable_qformer_moves_the_qformer_and_not_the_vision_side(tmp_path, tiny_model_dir):
     """bench_tail_qformer.py: the demo's tail config with `encoder_learning_rate` > 0 trains the Q-Former and the
     queries while the ViT and CSRM keep the warm-up's weights."""

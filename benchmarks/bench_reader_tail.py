@@ -1,0 +1,181 @@
+"""Can the language stage learn to read one grid cell from the soft prompt? Short tails on one-cell questions.
+
+    python benchmarks/bench_reader_tail.py --model DIR --data DIR [--variants plain sink scale:0.27]
+        [--steps 72] [--questions 4] [--learning-rate 1e-3] [--limit 120] [--seed 5] [--name reader_tail]
+        [--out DIR] [--threads 2]
+
+`--model` is a trained Nano (a demo's `model-mixed/` or `model/`), `--data` its synthetic data set. Each variant
+trains a tail from it with the demo's tail config (LoRA on the merged model, batch 16, `--steps` steps) on
+localization samples only, with `--questions` one-cell questions a category per sample added
+(`data.localization_cell_questions`: "has any building changed in the top-left cell of the 3x3 grid?"), then
+answers balanced one-cell questions about the test pairs (`bench_localization_reading.cell_question_records`;
+0.5 is chance). A reader that learns the cells moves that accuracy; the probes of
+`bench_localization_reading.py` say whether the soft prompt carries them at all. Variants:
+
+- `plain`: the model as it is;
+- `sink`: one `<|im_start|>` token before the soft prompt, in training and in the answers (the soft prompt
+  otherwise starts the sequence, where a language model keeps its attention sink);
+- `scale:F`: the language projection's weight and bias multiplied by F before the tail (the soft prompt's norm
+  against the token embeddings'; `bench_localization_reading.py` reports both).
+
+Measured on the 30-minute sine-cosine model (docs/nano_experiments.md, "Where, not whether").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_localization_reading import answer, cell_question_records, cell_question_statistics  # noqa: E402
+
+LOCALIZATION_ONLY = {"localization": 1.0, "count": 0.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
+
+
+def parse_variant(text: str) -> tuple[str, float]:
+    """'plain', 'sink' or 'scale:F' -> (kind, factor)."""
+    if text in ("plain", "sink"):
+        return text, 1.0
+    if text.startswith("scale:"):
+        try:
+            factor = float(text.split(":", 1)[1])
+        except ValueError:
+            factor = 0.0
+        if factor > 0:
+            return "scale", factor
+    raise argparse.ArgumentTypeError(f"variant {text!r}: expected plain, sink or scale:F with F > 0")
+
+
+@contextlib.contextmanager
+def sink_before_soft_prompt(enabled: bool):
+    """While active, the processor puts one `<|im_start|>` token before the image placeholders (label -100)."""
+    if not enabled:
+        yield
+        return
+    from processing.processing_deltavlm import DeltaVLMProcessor
+
+    original = DeltaVLMProcessor._with_image_tokens
+
+    def with_sink_first(self, input_ids, attention_mask, labels=None):
+        result = original(self, input_ids, attention_mask, labels)
+        sink = self.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        if sink is None or sink == self.tokenizer.unk_token_id:
+            raise ValueError("the sink variant needs a tokenizer with <|im_start|> (SmolLM2's, as in Nano)")
+        column = torch.full((input_ids.shape[0], 1), sink, dtype=input_ids.dtype)
+        result["input_ids"] = torch.cat([column, result["input_ids"]], dim=1)
+        result["attention_mask"] = torch.cat([torch.ones_like(column), result["attention_mask"]], dim=1)
+        if labels is not None:
+            result["labels"] = torch.cat([torch.full_like(column, -100), result["labels"]], dim=1)
+        return result
+
+    DeltaVLMProcessor._with_image_tokens = with_sink_first
+    try:
+        yield
+    finally:
+        DeltaVLMProcessor._with_image_tokens = original
+
+
+def scaled_copy(model_dir: Path, factor: float, target: Path) -> Path:
+    """A copy of the model folder whose language projection is multiplied by `factor`."""
+    import modeling_deltavlm  # noqa: F401  (Auto classes)
+    from transformers import AutoModelForImageTextToText
+
+    shutil.copytree(model_dir, target)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.language_projection.weight.mul_(factor)
+        model.language_projection.bias.mul_(factor)
+    model.save_pretrained(target)
+    return target
+
+
+def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir: Path, limit: int) -> dict:
+    from train.demo import _write_train_config
+    from train.run_train import main as train_main
+
+    data = Path(args.data)
+    start = Path(args.model) if variant != "scale" else scaled_copy(Path(args.model), factor, scratch / "scaled")
+    model_out = scratch / "model"
+    config = _write_train_config(scratch, start, data, model_out, max_steps=args.steps, seed=args.seed,
+                                 task_weights=LOCALIZATION_ONLY, name="tail")
+    with sink_before_soft_prompt(variant == "sink"):
+        code = train_main(["--config", str(config), "--localization_cell_questions", str(args.questions),
+                           "--learning_rate", str(args.learning_rate)])
+        if code:
+            raise RuntimeError(f"variant {variant}: training failed (exit code {code})")
+        lines = answer(str(model_out), questions_dir, data / "images", "test", limit, scratch / "answers", task="binary")
+    return cell_question_statistics(lines)
+
+
+def markdown(payload: dict) -> str:
+    rows = [[name, result["questions"], result["accuracy"], result["answers"]] for name, result in payload["variants"].items()]
+    text = common.markdown_table(["variant", "one-cell questions", "answered right", "answers"], rows)
+    return (text + f"\n\nTail: {payload['steps']} steps at batch 16, lr {payload['learning_rate']}, localization samples "
+            f"with {payload['questions']} one-cell questions a category each, seed {payload['seed']}; chance 0.5. "
+            f"Model: `{payload['model']}`; data: `{payload['data']}`.\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a trained Nano folder (a demo's model-mixed/ or model/)")
+    parser.add_argument("--data", required=True, help="its synthetic data folder (annotations/ and images/)")
+    parser.add_argument("--variants", nargs="+", type=parse_variant, default=[("plain", 1.0)],
+                        help="plain, sink, scale:F (default: plain)")
+    parser.add_argument("--steps", type=int, default=72)
+    parser.add_argument("--questions", type=int, default=4, help="one-cell questions a category per sample")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--limit", type=int, default=120, help="test localization records the questions come from")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
+    parser.add_argument("--name", default="reader_tail", help="results file stem")
+    args = parser.parse_args(argv)
+    data = Path(args.data)
+    for path in (data / "annotations" / "changechat_train.json", data / "annotations" / "changechat_test_loc.json"):
+        if not path.is_file():
+            parser.error(f"--data {data}: {path} not found (expected a synthetic data set: deltavlm synth --out DIR)")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there")
+    if args.steps < 1 or args.questions < 1:
+        parser.error("--steps and --questions must be >= 1")
+    torch.set_num_threads(args.threads)
+    info = common.machine_info()
+
+    if any(kind == "sink" for kind, _ in args.variants):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if tokenizer.convert_tokens_to_ids("<|im_start|>") in (None, tokenizer.unk_token_id):
+            parser.error(f"--variants sink: the tokenizer of {args.model} has no <|im_start|> token (Nano's has)")
+    questions = cell_question_records(data / "annotations", args.limit)
+    if not questions:
+        parser.error(f"--data {data}: no test pair with a changed cell among the first {args.limit}")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        questions_dir = Path(scratch) / "questions"
+        questions_dir.mkdir()
+        (questions_dir / "changechat_test_binary.json").write_text(json.dumps(questions))
+        for kind, factor in args.variants:
+            name = kind if kind != "scale" else f"scale:{factor:g}"
+            variant_dir = Path(scratch) / name.replace(":", "_")
+            variant_dir.mkdir()
+            results[name] = run_variant(kind, factor, args, variant_dir, questions_dir, len(questions))
+            print(f"{name}: {results[name]}", flush=True)
+
+    payload = {"model": str(args.model), "data": str(data), "machine": info, "steps": args.steps,
+               "questions": args.questions, "learning_rate": args.learning_rate, "seed": args.seed,
+               "variants": results}
+    common.save(args.name, payload, markdown(payload), args.out)
+
+
+if __name__ == "__main__":
+    main()
