@@ -9,7 +9,8 @@ trains a tail from it with the demo's tail config (LoRA on the merged model, bat
 localization samples only, with `--questions` one-cell questions a category per sample added
 (`data.localization_cell_questions`: "has any building changed in the top-left cell of the 3x3 grid?"), then
 answers balanced one-cell questions about the test pairs (`bench_localization_reading.cell_question_records`;
-0.5 is chance). A reader that learns the cells moves that accuracy; the probes of
+0.5 is chance) and, as a control, one question about each unchanged test pair (all "no": a tail that reads whether
+a pair changed gets them right without reading cells). A reader that learns the cells moves that accuracy; the probes of
 `bench_localization_reading.py` say whether the soft prompt carries them at all. Variants:
 
 - `plain`: the model as it is;
@@ -98,7 +99,30 @@ def scaled_copy(model_dir: Path, factor: float, target: Path) -> Path:
     return target
 
 
-def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir: Path, limit: int) -> dict:
+def unchanged_pair_records(annotations: Path, limit: int, seed: int = 0) -> list[dict]:
+    """One-cell questions (category and cell drawn at random) about the unchanged pairs among the first `limit` test
+    localization records, all answered "No": the control. A tail that reads whether a pair changed through these
+    questions says "no" here, whether or not it reads which cell."""
+    import random
+
+    from eval.parsers import parse_localization
+    from processing.conversation import GRID_CELLS
+    from train.data import CELL_QUESTION
+
+    rng = random.Random(seed)
+    records = []
+    for record in json.loads((annotations / "changechat_test_loc.json").read_text())[:limit]:
+        cells = parse_localization(record["conversations"][1]["value"])
+        if cells is not None and not any(cells.values()):
+            noun, cell = rng.choice(("road", "building")), rng.choice(GRID_CELLS)
+            question = "<image> <image> " + CELL_QUESTION.format(category=noun, cell=cell)
+            records.append({"id": f"{record['id']}_{noun}_{cell}", "image": record["image"], "conversations": [
+                {"from": "human", "value": question}, {"from": "gpt", "value": "No"}]})
+    return records
+
+
+def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir: Path, limit: int,
+                control_dir: Path | None = None, control_limit: int = 0) -> dict:
     from train.demo import _write_train_config
     from train.run_train import main as train_main
 
@@ -113,12 +137,22 @@ def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir:
         if code:
             raise RuntimeError(f"variant {variant}: training failed (exit code {code})")
         lines = answer(str(model_out), questions_dir, data / "images", "test", limit, scratch / "answers", task="binary")
-    return cell_question_statistics(lines)
+        result = cell_question_statistics(lines)
+        if control_dir is not None:
+            control = answer(str(model_out), control_dir, data / "images", "test", control_limit, scratch / "control",
+                             task="binary")
+            result["unchanged_pairs"] = cell_question_statistics(control)
+    return result
 
 
 def markdown(payload: dict) -> str:
-    rows = [[name, result["questions"], result["accuracy"], result["answers"]] for name, result in payload["variants"].items()]
-    text = common.markdown_table(["variant", "one-cell questions", "answered right", "answers"], rows)
+    rows = []
+    for name, result in payload["variants"].items():
+        control = result.get("unchanged_pairs")
+        said_no = f"{control['answers'].get('no answered no', 0)} of {control['questions']}" if control else "–"
+        rows.append([name, result["questions"], result["accuracy"], result["answers"], said_no])
+    text = common.markdown_table(["variant", "one-cell questions (changed categories)", "answered right", "answers",
+                                  "control: 'no' on unchanged pairs"], rows)
     return (text + f"\n\nTail: {payload['steps']} steps at batch 16, lr {payload['learning_rate']}, localization samples "
             f"with {payload['questions']} one-cell questions a category each, seed {payload['seed']}; chance 0.5. "
             f"Model: `{payload['model']}`; data: `{payload['data']}`.\n")
@@ -164,11 +198,16 @@ def main(argv=None):
         questions_dir = Path(scratch) / "questions"
         questions_dir.mkdir()
         (questions_dir / "changechat_test_binary.json").write_text(json.dumps(questions))
+        control = unchanged_pair_records(data / "annotations", args.limit)
+        control_dir = Path(scratch) / "control"
+        control_dir.mkdir()
+        (control_dir / "changechat_test_binary.json").write_text(json.dumps(control))
         for kind, factor in args.variants:
             name = kind if kind != "scale" else f"scale:{factor:g}"
             variant_dir = Path(scratch) / name.replace(":", "_")
             variant_dir.mkdir()
-            results[name] = run_variant(kind, factor, args, variant_dir, questions_dir, len(questions))
+            results[name] = run_variant(kind, factor, args, variant_dir, questions_dir, len(questions),
+                                        control_dir if control else None, len(control))
             print(f"{name}: {results[name]}", flush=True)
 
     payload = {"model": str(args.model), "data": str(data), "machine": info, "steps": args.steps,

@@ -342,7 +342,10 @@ def test_reader_tail_trains_each_variant_and_scores_the_one_cell_questions(tmp_p
     for result in payload["variants"].values():
         assert result["questions"] > 0 and result["questions"] == sum(result["answers"].values())
         assert 0.0 <= result["accuracy"] <= 1.0
-    assert "one-cell questions" in markdown
+        control = result["unchanged_pairs"]  # one question per unchanged test pair, all answered "No" in the data
+        assert control["questions"] > 0 and set(control["answers"]) <= {"no answered no", "no answered yes",
+                                                                          "no answered unparsed"}
+    assert "one-cell questions" in markdown and "control" in markdown
     refused = subprocess.run(command + ["--variants", "sink"], capture_output=True, text=True, cwd=REPO, timeout=300,
                              check=False)
     assert refused.returncode == 2 and "<|im_start|>" in refused.stderr
