@@ -133,20 +133,12 @@ def query_features(model, processor, pairs: list[tuple[str, str]], batch_size: i
 
 
 @torch.no_grad()
-def soft_prompt_statistics(model, processor, pairs: list[tuple[str, str]], batch_size: int = 32) -> dict:
-    """What the language model receives (the projected queries under the localization prompt) beside its own token
-    embeddings: mean norms, and the share of the soft prompt's energy that is the same for every pair."""
-    from processing.conversation import TASK_PROMPTS
-
-    prompt = processor.apply_chat_template([{"role": "user", "content": TASK_PROMPTS["localization"]}])
-    projected = []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
-        inputs = processor(images=batch, text=[prompt] * len(batch))
-        projected.append(model.get_image_features(
-            pixel_values=inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
-            qformer_attention_mask=inputs["qformer_attention_mask"]).pooler_output.float())
-    projected = torch.cat(projected)  # (N, Q, H)
+def soft_prompt_statistics(model, query_features: torch.Tensor) -> dict:
+    """What the language model receives, from `query_features` (N, Q * Hq) (their projection, the soft prompt)
+    beside its own token embeddings: mean norms, and the share of the soft prompt's energy that is the same for
+    every pair."""
+    queries = query_features.reshape(len(query_features), model.config.num_query_tokens, -1)
+    projected = model.language_projection(queries.to(model.language_projection.weight.dtype)).float()  # (N, Q, H)
     flat = projected.flatten(1)
     return {
         "soft_prompt_norm": round(projected.norm(dim=-1).mean().item(), 3),
@@ -284,7 +276,6 @@ def cell_question_records(annotations: Path, limit: int, seed: int = 0) -> list[
 
     from eval.parsers import parse_localization
     from processing.conversation import GRID_CELLS
-    from train.data import CELL_QUESTION
 
     rng = random.Random(seed)
     records = []
@@ -297,11 +288,17 @@ def cell_question_records(annotations: Path, limit: int, seed: int = 0) -> list[
             unchanged = [cell for cell in GRID_CELLS if cell not in changed]
             for answer, pool in (("Yes", changed), ("No", unchanged)):
                 if pool:
-                    cell = rng.choice(pool)
-                    question = "<image> <image> " + CELL_QUESTION.format(category=noun, cell=cell)
-                    records.append({"id": f"{record['id']}_{noun}_{cell}", "image": record["image"], "conversations": [
-                        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+                    records.append(cell_question_record(record, noun, rng.choice(pool), answer))
     return records
+
+
+def cell_question_record(record: dict, noun: str, cell: str, answer: str) -> dict:
+    """A one-cell yes/no record (instruction schema) about the pair of `record`."""
+    from train.data import CELL_QUESTION
+
+    question = "<image> <image> " + CELL_QUESTION.format(category=noun, cell=cell)
+    return {"id": f"{record['id']}_{noun}_{cell}", "image": record["image"], "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
 def cell_question_statistics(lines: list[dict]) -> dict:
@@ -415,7 +412,7 @@ def main(argv=None):
         "answers_held_out": answer_statistics(held_out), "answers_training": answer_statistics(training),
         "probe": probe, "probe_pairs": {"train": len(train_pairs), "held_out": len(test_pairs)},
         "mean_query_probe": mean_probe, "patch_probe": patches,
-        "soft_prompt": soft_prompt_statistics(model, processor, test_pairs), "cell_questions": cell_question_statistics(cell_answers),
+        "soft_prompt": soft_prompt_statistics(model, test_queries), "cell_questions": cell_question_statistics(cell_answers),
     }
     common.save(args.name, payload, markdown(payload), args.out)
 

@@ -37,7 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_localization_reading import answer, cell_question_records, cell_question_statistics  # noqa: E402
+from benchmarks.bench_localization_reading import (  # noqa: E402
+    answer,
+    cell_question_record,
+    cell_question_records,
+    cell_question_statistics,
+)
 
 LOCALIZATION_ONLY = {"localization": 1.0, "count": 0.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
 
@@ -107,17 +112,14 @@ def unchanged_pair_records(annotations: Path, limit: int, seed: int = 0) -> list
 
     from eval.parsers import parse_localization
     from processing.conversation import GRID_CELLS
-    from train.data import CELL_QUESTION
 
     rng = random.Random(seed)
     records = []
     for record in json.loads((annotations / "changechat_test_loc.json").read_text())[:limit]:
         cells = parse_localization(record["conversations"][1]["value"])
         if cells is not None and not any(cells.values()):
-            noun, cell = rng.choice(("road", "building")), rng.choice(GRID_CELLS)
-            question = "<image> <image> " + CELL_QUESTION.format(category=noun, cell=cell)
-            records.append({"id": f"{record['id']}_{noun}_{cell}", "image": record["image"], "conversations": [
-                {"from": "human", "value": question}, {"from": "gpt", "value": "No"}]})
+            noun = rng.choice(("road", "building"))
+            records.append(cell_question_record(record, noun, rng.choice(GRID_CELLS), "No"))
     return records
 
 
