@@ -32,15 +32,15 @@ SCORES = ["val_change_accuracy", "val_cell_f1", "val_patch_f1", "val_patch_cell_
           "val_building_count_mae"]
 
 
-def warm_up(data_dir: Path, seed: int, args, name: str, prepare=None, **options) -> list[dict]:
-    """Fresh Nano of `seed`, `warm_up_vision` on `data_dir` as the demo runs it at `args.batch_size` (its rates),
-    `args.steps` steps, held-out scores on `args.validation_pairs` val pairs; `options` go to `warm_up_vision`,
-    `prepare(model)` (if given) changes the fresh model first."""
+def warm_up(data_dir: Path, seed: int, args, name: str, prepare=None, nano_options=None, **options) -> list[dict]:
+    """Fresh Nano of `seed` (`build_nano(**nano_options)`), `warm_up_vision` on `data_dir` as the demo runs it at
+    `args.batch_size` (its rates), `args.steps` steps, held-out scores on `args.validation_pairs` val pairs;
+    `options` go to `warm_up_vision`, `prepare(model)` (if given) changes the fresh model first."""
     from modeling_deltavlm.build_nano import build_nano
     from train.demo import qformer_learning_rate, vision_learning_rate
     from train.vision_warmup import pair_facts, warm_up_vision
 
-    model, processor = build_nano(seed=seed)
+    model, processor = build_nano(seed=seed, **(nano_options or {}))
     if prepare is not None:
         prepare(model)
     facts = pair_facts(data_dir / "annotations" / "changechat_train.json", data_dir / "images")

@@ -75,13 +75,21 @@ def load_nano_tokenizers():
     return tokenizer, qformer_tokenizer
 
 
-def nano_config(text_config, num_image_token_id: int, **overrides) -> DeltaVLMConfig:
+def check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size <= 0 or image_size % NANO_VISION_CONFIG["patch_size"]:
+        raise ValueError(f"image_size {image_size!r}: Nano needs a positive multiple of its patch size "
+                         f"({NANO_VISION_CONFIG['patch_size']} px)")
+
+
+def nano_config(text_config, num_image_token_id: int, image_size: int = NANO_IMAGE_SIZE, **overrides) -> DeltaVLMConfig:
+    """Nano's config around `text_config` (SmolLM2's); `image_size` must be a multiple of the 16 px patch."""
+    check_image_size(image_size)
     minilm = minilm_dir()
     import json
 
     bert = json.loads((minilm / "config.json").read_text())
     kwargs = dict(
-        vision_config=NANO_VISION_CONFIG,
+        vision_config={**NANO_VISION_CONFIG, "image_size": image_size},
         qformer_config={
             "vocab_size": bert["vocab_size"] + 1,
             "hidden_size": bert["hidden_size"],
@@ -199,13 +207,17 @@ def set_position_table(model, table: str = "normal") -> None:
             sincos_position_embeddings(vision.image_size // vision.patch_size, vision.hidden_size, scale)[None])
 
 
-def build_nano(seed: int = 0, position_table: str = "normal", **config_overrides):
+def build_nano(seed: int = 0, position_table: str = "normal", image_size: int = NANO_IMAGE_SIZE, **config_overrides):
     """A fresh DeltaVLM-Nano (untrained ViT, CSRM, projection; MiniLM Q-Former; frozen SmolLM2) and its processor.
-    `position_table`: how the ViT's position table starts (`set_position_table`)."""
+    `position_table`: how the ViT's position table starts (`set_position_table`); `image_size`: the side the
+    processor resizes to and the ViT reads (a multiple of 16; the patch grid is image_size / 16 a side)."""
+    check_image_size(image_size)
+    parse_position_table(position_table)
     torch.manual_seed(seed)
     tokenizer, qformer_tokenizer = load_nano_tokenizers()
     language_model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    image_processor = DeltaVLMImageProcessor(size={"height": NANO_IMAGE_SIZE, "width": NANO_IMAGE_SIZE})
+    config_overrides["image_size"] = image_size
+    image_processor = DeltaVLMImageProcessor(size={"height": image_size, "width": image_size})
     processor = DeltaVLMProcessor(
         image_processor,
         tokenizer,

@@ -334,11 +334,15 @@ def test_reader_tail_trains_each_variant_and_scores_the_one_cell_questions(tmp_p
     command = [sys.executable, str(REPO / "benchmarks" / "bench_reader_tail.py"), "--model", str(tiny_model_dir),
                "--data", str(data), "--steps", "1", "--questions", "1", "--limit", "8", "--threads", "1",
                "--out", str(tmp_path)]
-    completed = subprocess.run(command + ["--variants", "plain", "scale:0.5"], capture_output=True, text=True,
-                               cwd=REPO, timeout=600, check=False)
+    completed = subprocess.run(command + ["--variants", "plain", "scale:0.5", "rank:4", "layers:1"],
+                               capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     payload, markdown = _load(tmp_path, "reader_tail")
-    assert list(payload["variants"]) == ["plain", "scale:0.5"]
+    assert list(payload["variants"]) == ["plain", "scale:0.5", "rank:4", "layers:1"]
+    # the tiny LLM's first decoder layer (hidden 32, MLP 64): 4 attention and 3 MLP weights, 2 norms
+    whole = payload["variants"]["layers:1"]["trained_whole"]
+    assert whole == {"tensors": 9, "parameters": 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32}
+    assert "trained_whole" not in payload["variants"]["rank:4"]
     for result in payload["variants"].values():
         assert result["questions"] > 0 and result["questions"] == sum(result["answers"].values())
         assert 0.0 <= result["accuracy"] <= 1.0
@@ -351,7 +355,11 @@ def test_reader_tail_trains_each_variant_and_scores_the_one_cell_questions(tmp_p
     assert refused.returncode == 2 and "<|im_start|>" in refused.stderr
     bad = subprocess.run(command + ["--variants", "scale:-1"], capture_output=True, text=True, cwd=REPO, timeout=300,
                          check=False)
-    assert bad.returncode == 2 and "scale:F with F > 0" in bad.stderr
+    assert bad.returncode == 2 and "scale:F (F > 0)" in bad.stderr
+    for wrong in ("rank:0", "layers:1.5"):
+        bad = subprocess.run(command + ["--variants", wrong], capture_output=True, text=True, cwd=REPO, timeout=300,
+                             check=False)
+        assert bad.returncode == 2 and "rank:R or layers:N (whole numbers >= 1)" in bad.stderr
 
 
 def test_tail_with_trainable_qformer_moves_the_qformer_and_not_the_vision_side(tmp_path, tiny_model_dir):
@@ -507,3 +515,47 @@ def test_demo_seeds_runs_the_demo(tmp_path):
     assert set(run["scores"]) == {"caption", "binary", "count", "localization", "open", "dialogue"}
     assert (tmp_path / "runs" / "seed1" / "demo.log").is_file()
     assert "--pairs 40" in markdown
+
+
+def test_patch_grid_ceiling_counts_what_boundary_patches_cost(tmp_path):
+    """A building across the top-left / top-center edge (x 80-89 at 256 px, the edge at 85): the cell rule lists
+    both cells. On 9 patches a side with the cell rule's count the perfect patches give both; on 10 a side, where
+    the patch holding x 77-102 has its centre in the top-center cell, only one."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.bench_patch_grid import grid_ceiling
+    from train.vision_warmup import BUILDING
+
+    mask = np.zeros((256, 256), dtype=np.uint8)
+    mask[20:30, 80:90] = BUILDING  # 50 pixels each side of x = 85
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    rows = {(row["grid"], row["rule"]): row for row in grid_ceiling([tmp_path / "mask.png"], [9, 10],
+                                                                      {"share": None, "count": 12})}
+    assert rows[(9, "count")]["micro_f1"] == 1.0 and rows[(9, "count")]["missed_cells"] == 0
+    assert rows[(10, "count")]["missed_cells"] == 1 and rows[(10, "count")]["false_cells"] == 0
+    assert rows[(10, "count")]["micro_f1"] == pytest.approx(2 / 3)
+    assert rows[(9, "share")]["roads"] == 1.0  # nothing changed, nothing listed: a perfect empty answer
+
+
+@pytest.mark.slow
+def test_patch_grid_benchmark_warms_up_nano_at_each_image_size(tmp_path):
+    pytest.importorskip("gguf")  # builds Nano from its packaged parts, twice
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_patch_grid.py"), "--pairs", "24", "--grids", "9", "10",
+               "--warm-up", "--image-sizes", "160", "144", "--seeds", "3", "--warm-up-pairs", "30", "--steps", "4",
+               "--validation-pairs", "3", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "patch_grid")
+    assert [(row["grid"], row["rule"].split(" ")[0]) for row in payload["ceiling"]] == [
+        (9, "5%"), (9, "12"), (10, "5%"), (10, "12")]
+    histories = payload["warm_up"]["histories"]
+    assert set(histories) == {"seed3_160px", "seed3_144px"}
+    for history in histories.values():
+        assert [entry["phase"] for entry in history] == ["vision", "vision", "qformer", "qformer"]
+        assert 0.0 <= history[-1]["val_patch_cell_f1"] <= 1.0
+    assert histories["seed3_160px"][0]["loss"] != histories["seed3_144px"][0]["loss"]
+    assert "| 3 | 144 | 9 x 9 | cell rule |" in markdown and "| 3 | 160 | 10 x 10 | 5% |" in markdown
+    wrong = subprocess.run(command[:2] + ["--image-sizes", "150"], capture_output=True, text=True, cwd=REPO,
+                           timeout=300, check=False)
+    assert wrong.returncode != 0 and "--image-sizes: Nano needs multiples of its 16 px patch" in wrong.stderr

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from modeling_deltavlm.build_nano import NANO_MAX_NEW_TOKENS
+from modeling_deltavlm.build_nano import NANO_IMAGE_SIZE, NANO_MAX_NEW_TOKENS
 from processing.changechat_data import load_records
 from processing.conversation import TASK_PROMPTS
 from train.deadline import CosineToDeadline, tail_deadline
@@ -136,6 +136,24 @@ def _position_table(value: str) -> str:
     return value
 
 
+def _patch_grid(model) -> int:
+    """Patches a side of the model's ViT."""
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+def _image_size(value: str) -> int:
+    """argparse type of --image-size: a positive multiple of Nano's 16 px patch."""
+    from modeling_deltavlm.build_nano import check_image_size
+
+    try:
+        size = int(value)
+        check_image_size(size)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error) if "patch" in str(error) else f"not a whole number: {value!r}") from None
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltavlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="deltavlm-demo", help="working folder (data, checkpoints, results)")
@@ -148,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--position-table", type=_position_table, default="normal",
                         help="how the ViT's position table starts: normal (N(0, 0.02), the default), sincos (2-D sines "
                              "and cosines) or sincos:SCALE; measured in benchmarks/bench_position_table.py")
+    parser.add_argument("--image-size", type=_image_size, default=NANO_IMAGE_SIZE,
+                        help=f"the side Nano's ViT reads, a multiple of 16 (default {NANO_IMAGE_SIZE}); at 144 or 192 "
+                             "its patches split evenly into the 3x3 localization cells; measured in "
+                             "benchmarks/bench_patch_grid.py")
     parser.add_argument("--frozen-llm", action="store_true",
                         help="no LoRA adapters on the language model (the paper's set-up; learns far slower at this size)")
     parser.add_argument("--no-projection-alignment", action="store_true",
@@ -230,11 +252,11 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
     init_dir = out / "nano-init"
     if not (init_dir / "config.json").is_file():
         from modeling_deltavlm.build_nano import build_nano
-        from train.vision_warmup import FrozenVisionCache, pair_facts, warm_up_vision
+        from train.vision_warmup import FrozenVisionCache, cell_rule_patch_pixels, pair_facts, warm_up_vision
 
         say("building DeltaVLM-Nano (MiniLM Q-Former, SmolLM2-135M-Instruct from GGUF)")
         model, processor = build_nano(seed=args.seed, use_difference_module=not args.no_difference_module,
-                                      position_table=args.position_table)
+                                      position_table=args.position_table, image_size=args.image_size)
         if generation is not None:
             generation.wait()
             say(f"the synthetic data is ready in {data_dir}")
@@ -267,7 +289,8 @@ def _run_demo_stages(args, started, out, budget, say, data_dir, num_pairs, gener
                                  change_flag_weight=flag_weight,
                                  vision_ramp_steps=vision_ramp_steps(warmup_batch, warmup_steps // 2),
                                  log_every=max(1, warmup_steps // 4), log=say, processor=processor, facts=facts,
-                                 validation_facts=validation_facts, validation_pairs=32, vision_cache=vision_cache)
+                                 validation_facts=validation_facts, validation_pairs=32, vision_cache=vision_cache,
+                                 patch_target_pixels=cell_rule_patch_pixels(data_dir, _patch_grid(model)))
         if not args.no_projection_alignment:
             history.append({"phase": "projection", **_align_projection(model, processor, data_dir, vision_cache,
                                                                         args.seed, say)})

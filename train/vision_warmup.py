@@ -51,6 +51,18 @@ def change_pairs(data_dir, split: str = "train") -> list[tuple[str, str, str]]:
     return [(str(root / "A" / m.name), str(root / "B" / m.name), str(m)) for m in masks]
 
 
+def cell_rule_patch_pixels(data_dir, grid: int, split: str = "train") -> int | None:
+    """The `patch_target_pixels` that makes the patch targets agree with the synthetic cell rule, for a ViT of
+    `grid` patches a side: the rule's pixel count (`min_cell_pixels` of the masks' side) where the patches split
+    evenly into the 3x3 cells, else None (5% of the patch: a boundary patch straddles two cells whatever the rule)."""
+    from train.synthetic.dataset import min_cell_pixels
+
+    if grid % 3:
+        return None
+    side = Image.open(change_pairs(data_dir, split)[0][2]).size[0]
+    return min_cell_pixels(side)
+
+
 def dihedral(pixel_values: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> tuple:
     """One random symmetry of the square (rot90 k times, then maybe a transpose) per pair, the same on A, B and
     the pair's patch targets.
@@ -87,11 +99,17 @@ def patch_cells(patch_hits: torch.Tensor) -> torch.Tensor:
     return per_cell.flatten(1)
 
 
-def patch_targets(mask_paths: list[str], grid: int) -> torch.Tensor:
-    """(B, grid*grid, 2) float targets: does a changed road / building cover at least 5% of the patch."""
+def patch_targets(mask_paths: list[str], grid: int, min_pixels: int | None = None) -> torch.Tensor:
+    """(B, grid*grid, 2) float targets: does a changed road / building cover at least 5% of the patch, or with
+    `min_pixels` at least that many of the mask's pixels (the synthetic cell rule's count: then on a patch grid
+    that splits into the 3x3 cells, a cell holds a target patch nearly exactly when the annotation lists it)."""
     targets = []
     for path in mask_paths:
         mask = np.asarray(Image.open(path))
+        if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+            raise ValueError(f"change mask {path}: expected a square single-channel image, got shape {mask.shape}")
+        # BOX fractions are means over a patch of (side / grid)^2 mask pixels
+        threshold = 0.05 if min_pixels is None else (min_pixels - 0.5) / (mask.shape[0] / grid) ** 2
         cells = []
         for value in (ROAD, BUILDING):
             hit = Image.fromarray((mask == value).astype(np.float32), mode="F")
@@ -99,7 +117,7 @@ def patch_targets(mask_paths: list[str], grid: int) -> torch.Tensor:
             # where the side is not a multiple of the grid (256 px on 10 patches: 25.6 px each; cropping to 250 px
             # instead dropped the last 6 px and shifted the patch edges)
             fraction = np.asarray(hit.resize((grid, grid), Image.Resampling.BOX))
-            cells.append(fraction.reshape(-1) >= 0.05)
+            cells.append(fraction.reshape(-1) >= threshold)
         targets.append(np.stack(cells, axis=-1))
     return torch.from_numpy(np.stack(targets)).float()
 
@@ -406,6 +424,7 @@ def warm_up_vision(
     patch_positive_weight: tuple[float, float] = (4.0, 4.0),
     vision_ramp_steps: int | None = None,
     mask_subgrid: int = 1,
+    patch_target_pixels: int | None = None,
 ) -> list[dict]:
     """Train model.vision_model, the difference module (and ln_vision) on change masks; returns the log.
 
@@ -475,6 +494,15 @@ def warm_up_vision(
     0.517 against 0.619 at k = 1, and seed 1 trailed too (0.30 against 0.42 at step 45); the probe also read
     positions later (EPYC, 2026-11-28, `bench_warmup_batch32.py --mask-subgrid 4`).
 
+    `patch_target_pixels`: a patch is a mask target when it holds at least that many changed pixels of a category
+    (`patch_targets`); None keeps 5% of the patch. The synthetic cell rule's count (12 at 256 px,
+    `train.synthetic.dataset.min_cell_pixels`) on a patch grid of 3k patches a side makes the cells read from
+    perfect patches the annotated ones (micro-F1 0.998 on 1 600 synthetic pairs at 9 x 9 patches, 0.918 at Nano's
+    10 x 10 whose boundary patches straddle two cells; `benchmarks/bench_patch_grid.py`). Measured with Nano at 144 px
+    (9 x 9 patches) against 160, not adopted (EPYC, 2026-11-29): the cells the predicted patches give rose on 3 of
+    4 warm-ups (10 and 30 minutes, two seeds each), the queries' cells on 1, the queries' change accuracy fell on
+    all 4 — the patches' predictions, not the grid, are what limits them.
+
     `vision_cache` (an empty `FrozenVisionCache` of this model) is the one the Q-Former phase fills, for a caller
     that reads the frozen vision side again afterwards (`train.projection_alignment`).
     """
@@ -483,6 +511,8 @@ def warm_up_vision(
     grid = vision.image_size // vision.patch_size
     if mask_subgrid < 1:
         raise ValueError(f"warm_up_vision: mask_subgrid must be >= 1, got {mask_subgrid}")
+    if patch_target_pixels is not None and patch_target_pixels < 1:
+        raise ValueError(f"warm_up_vision: patch_target_pixels must be >= 1 or None, got {patch_target_pixels}")
     probe = ChangeProbe(vision.hidden_size, mask_subgrid)
     mask_grid = grid * mask_subgrid  # the grid the mask targets, patch F1 and the patches' cells are read at
     position_probe = PositionProbe(vision.hidden_size, grid)
@@ -584,7 +614,7 @@ def warm_up_vision(
             entry = {"step": step, "phase": "vision" if vision_phase else "qformer", "batch_size": len(batch)}
             if vision_phase:
                 pixel_values = image_processor(images)["pixel_values"]
-                targets = patch_targets([mask for _, _, mask in batch], mask_grid)
+                targets = patch_targets([mask for _, _, mask in batch], mask_grid, patch_target_pixels)
                 if mask_augment:
                     pixel_values, targets = dihedral(pixel_values, targets, augment_generator)
                 pair_embeds = model.get_pair_embeds(pixel_values).pair_embeds
@@ -634,10 +664,11 @@ def warm_up_vision(
                                               prompts[FACT_PROMPTS.index(TASK_PROMPTS["localization"])],
                                               with_queries=not vision_phase,
                                               position_probe=position_probe if position_weight else None,
-                                              cell_query_probe=cell_query_probe)
+                                              cell_query_probe=cell_query_probe,
+                                              patch_target_pixels=patch_target_pixels)
                     if own_prompts and not vision_phase:
                         under_own = _held_out_scores(model, processor, probe, fact_probe, held_out, validation_facts,
-                                                     mask_grid, own_prompts)
+                                                     mask_grid, own_prompts, patch_target_pixels=patch_target_pixels)
                         scores.update({f"{key}_own": value for key, value in under_own.items()
                                        if key not in ("val_patch_f1", "val_patch_cell_f1")
                                        and not key.endswith(PER_CATEGORY_SUFFIXES)})
@@ -656,7 +687,7 @@ def warm_up_vision(
 
 @torch.no_grad()
 def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, prompt, with_queries=True,
-                     position_probe=None, cell_query_probe=None, batch_size=32) -> dict:
+                     position_probe=None, cell_query_probe=None, batch_size=32, patch_target_pixels=None) -> dict:
     """Patch F1, (with_queries) change accuracy and cell micro-F1 (also per query, with cell_query_probe),
     (with position_probe) position accuracy of the probes on held-out pairs, in eval mode. `prompt`: one
     instruction for every pair, or a list with one per pair."""
@@ -687,7 +718,7 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
             qformer_attention_mask=inputs["qformer_attention_mask"],
         )
         predicted = probe(features.vision_outputs.pair_embeds) > 0  # (B, patches, 2)
-        targets = patch_targets([mask for _, _, mask in batch], grid).bool()
+        targets = patch_targets([mask for _, _, mask in batch], grid, patch_target_pixels).bool()
         tally("patch", predicted, targets, [0, 1])
         if position_probe is not None:
             positions_right.append(position_probe.accuracy(features.vision_outputs.pair_embeds) * len(batch))
@@ -743,4 +774,5 @@ def _held_out_scores(model, processor, probe, fact_probe, pairs, facts, grid, pr
     return scores
 
 
-__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "FrozenVisionCache", "PositionProbe", "change_pairs", "cell_loss", "count_class_weights", "dihedral", "fact_targets", "length_buckets", "pair_change_loss", "pair_facts", "pair_instructions", "query_output_in_length_buckets", "patch_cells", "patch_targets", "warm_up_vision"]
+__all__ = ["CellQueryProbe", "ChangeProbe", "FactProbe", "FrozenVisionCache", "PositionProbe", "change_pairs", "cell_loss",
+           "cell_rule_patch_pixels", "count_class_weights", "dihedral", "fact_targets", "length_buckets", "pair_change_loss", "pair_facts", "pair_instructions", "query_output_in_length_buckets", "patch_cells", "patch_targets", "warm_up_vision"]

@@ -92,3 +92,12 @@ def test_nano_builds_from_pretrained_parts_and_keeps_minilm_text_path(sample_pai
     prompt_length = inputs["input_ids"].shape[1]
     assert output.shape[0] == 2 and prompt_length < output.shape[1] <= prompt_length + 4
     assert torch.equal(output[:, :prompt_length], inputs["input_ids"])
+
+
+def test_nano_image_size_must_split_into_whole_patches():
+    from modeling_deltavlm.build_nano import check_image_size
+
+    check_image_size(144)  # 9 x 9 patches: each 3x3 answer cell is 3 x 3 patches
+    for wrong in (150, 0, -16, 144.0):
+        with pytest.raises(ValueError, match="positive multiple of its patch size"):
+            build_nano(image_size=wrong)  # refused before the GGUF is loaded

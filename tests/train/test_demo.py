@@ -148,7 +148,7 @@ def test_a_full_disk_while_saving_the_warmed_up_nano_leaves_nothing_to_reuse(tmp
     import modeling_deltavlm.build_nano as build_nano_module
     from modeling_deltavlm import DeltaVLMForConditionalGeneration
 
-    def tiny_nano(seed=0, use_difference_module=True, position_table="normal"):
+    def tiny_nano(seed=0, use_difference_module=True, position_table="normal", image_size=160):
         return DeltaVLMForConditionalGeneration(make_tiny_config()), tiny_processor
 
     def disk_full(self, save_directory, *args, **kwargs):
@@ -185,7 +185,7 @@ def test_the_pairs_yes_no_trains_only_in_the_small_batch_warm_up(tmp_path, synth
         raise SafetensorError("stop here: the warm-up log is written")
 
     monkeypatch.setattr(build_nano_module, "build_nano",
-                        lambda seed=0, use_difference_module=True, position_table="normal": (
+                        lambda seed=0, use_difference_module=True, position_table="normal", image_size=160: (
                             DeltaVLMForConditionalGeneration(make_tiny_config()), tiny_processor))
     monkeypatch.setattr(demo, "_measure_warmup_step_seconds",
                         lambda *args, **kwargs: pytest.fail("a short budget timed a warm-up step"))
@@ -216,7 +216,7 @@ def test_position_table_reaches_the_nano_the_demo_builds(tmp_path, synthetic, ti
 
     built = []
 
-    def tiny_nano(seed=0, use_difference_module=True, position_table="normal"):
+    def tiny_nano(seed=0, use_difference_module=True, position_table="normal", image_size=160):
         model = DeltaVLMForConditionalGeneration(make_tiny_config())
         build_nano_module.set_position_table(model, position_table)
         built.append((position_table, model.vision_model.embeddings.position_embedding.detach().clone()))
@@ -241,6 +241,52 @@ def test_position_table_reaches_the_nano_the_demo_builds(tmp_path, synthetic, ti
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "bad"), "--position-table", "fourier"])
     assert "--position-table" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_image_size_reaches_the_nano_and_its_patch_targets_follow_the_cell_rule(tmp_path, synthetic, make_tiny_config,
+                                                                                monkeypatch, capsys):
+    """`--image-size` is the side of the Nano the demo builds; where its patches split evenly into the 3x3 cells the
+    warm-up's patch targets count the cell rule's pixels (12 at the synthetic 256 px), else 5% of the patch. A size
+    that is no multiple of the 16 px patch is refused before any work, naming the option."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    import modeling_deltavlm.build_nano as build_nano_module
+    import train.vision_warmup as vision_warmup
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from tests.conftest import build_tiny_processor
+
+    built, rules = [], []
+
+    def tiny_nano(seed=0, use_difference_module=True, position_table="normal", image_size=160):
+        side = image_size // 16 * 14  # the tiny ViT's 14 px patches, as many a side as Nano's would be
+        built.append(image_size)
+        config = make_tiny_config(vision_config={**make_tiny_config().vision_config.to_dict(), "image_size": side})
+        return DeltaVLMForConditionalGeneration(config), build_tiny_processor(side)
+
+    real_warm_up = vision_warmup.warm_up_vision
+
+    def recording_warm_up(*args, patch_target_pixels=None, **kwargs):
+        rules.append(patch_target_pixels)
+        return real_warm_up(*args, patch_target_pixels=patch_target_pixels, **kwargs)
+
+    def stop_after_the_warm_up(self, save_directory, *args, **kwargs):
+        raise SafetensorError("stop here: the warm-up has run")
+
+    monkeypatch.setattr(build_nano_module, "build_nano", tiny_nano)
+    monkeypatch.setattr(vision_warmup, "warm_up_vision", recording_warm_up)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", stop_after_the_warm_up)
+    for size in (None, "48", "32"):  # Nano's default 10 x 10 patches, then 3 x 3 and 2 x 2
+        out = tmp_path / f"demo-{size}"
+        shutil.copytree(synthetic, out / "data")
+        option = ["--image-size", size] if size else []
+        assert main(["--out", str(out), "--warmup-steps", "2", "--no-projection-alignment", "--no-save", *option]) == 1
+    assert built == [160, 48, 32]
+    assert rules == [None, 12, None]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "bad"), "--image-size", "150"])
+    assert "--image-size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_a_run_without_tail_samples_localization_and_captions_twice(tmp_path, synthetic, tiny_model_dir, caplog):

@@ -411,9 +411,9 @@ def test_mask_subgrid_trains_and_scores_the_mask_at_the_finer_grid(synthetic, ti
     for subgrid in (1, 3):
         grids_read = []
 
-        def recording(paths, grid_asked):
+        def recording(paths, grid_asked, min_pixels=None):
             grids_read.append(grid_asked)
-            return patch_targets(paths, grid_asked)
+            return patch_targets(paths, grid_asked, min_pixels)
 
         monkeypatch.setattr(vision_warmup, "patch_targets", recording)
         torch.manual_seed(0)
@@ -683,3 +683,36 @@ def test_own_instructions_train_the_qformer_under_each_pairs_prompts(synthetic, 
     with pytest.raises(ValueError, match="validation_instructions need validation_facts"):
         warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, processor=tiny_processor,
                        facts=_train_facts(synthetic), validation_instructions=validation_instructions)
+
+
+def test_patch_targets_by_pixel_count_follow_the_cell_rule(tmp_path):
+    """With `min_pixels` a patch is a target from that many changed pixels on, whatever the patch's area; without
+    it from 5% of the patch. On 3 patches a side each patch is one cell: a 12-pixel change is listed by the cell
+    rule and by the count rule, missed by 5% of an 85-pixel patch; 11 pixels are neither."""
+    from train.vision_warmup import BUILDING
+
+    mask = np.zeros((255, 255), dtype=np.uint8)
+    mask[10:13, 10:14] = BUILDING  # 12 pixels in the top-left cell
+    mask[100:101, 100:111] = BUILDING  # 11 pixels in the centre cell
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(path)
+    assert touched_cells(mask == BUILDING) == ["top-left"]
+    by_count = patch_targets([str(path)], 3, min_pixels=12)[0, :, 1]
+    by_share = patch_targets([str(path)], 3)[0, :, 1]
+    assert by_count.tolist() == [1.0] + [0.0] * 8
+    assert not by_share.any()
+    cells = patch_cells(patch_targets([str(path)], 3, min_pixels=12).bool())[0]  # roads' nine, then buildings'
+    assert cells.tolist() == [False] * 9 + [True] + [False] * 8
+    with pytest.raises(ValueError, match="square single-channel"):
+        Image.fromarray(np.zeros((4, 6), dtype=np.uint8)).save(tmp_path / "wide.png")
+        patch_targets([str(tmp_path / "wide.png")], 2)
+
+
+def test_warm_up_refuses_a_patch_target_count_below_one(synthetic, tiny_processor):
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from tests.conftest import tiny_config
+
+    model = DeltaVLMForConditionalGeneration(tiny_config())
+    with pytest.raises(ValueError, match="patch_target_pixels must be >= 1"):
+        warm_up_vision(model, tiny_processor.image_processor, synthetic, steps=1, batch_size=2, log=lambda _: None,
+                       patch_target_pixels=0)
