@@ -1,6 +1,6 @@
 """Can the language stage learn to read one grid cell from the soft prompt? Short tails on one-cell questions.
 
-    python benchmarks/bench_reader_tail.py --model DIR --data DIR [--variants plain sink scale:0.27]
+    python benchmarks/bench_reader_tail.py --model DIR --data DIR [--variants plain sink scale:0.27 rank:64 layers:4]
         [--steps 72] [--questions 4] [--learning-rate 1e-3] [--limit 120] [--seed 5] [--name reader_tail]
         [--out DIR] [--threads 2]
 
@@ -17,7 +17,10 @@ a pair changed gets them right without reading cells). A reader that learns the 
 - `sink`: one `<|im_start|>` token before the soft prompt, in training and in the answers (the soft prompt
   otherwise starts the sequence, where a language model keeps its attention sink);
 - `scale:F`: the language projection's weight and bias multiplied by F before the tail (the soft prompt's norm
-  against the token embeddings'; `bench_localization_reading.py` reports both).
+  against the token embeddings'; `bench_localization_reading.py` reports both);
+- `rank:R`: LoRA adapters of rank R (alpha 2R) instead of the demo's 16;
+- `layers:N`: the language model's first N decoder layers trained whole besides the adapters (the layers that
+  first read the soft prompt).
 
 Measured on the 30-minute sine-cosine model (docs/nano_experiments.md, "Where, not whether").
 """
@@ -47,18 +50,59 @@ from benchmarks.bench_localization_reading import (  # noqa: E402
 LOCALIZATION_ONLY = {"localization": 1.0, "count": 0.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
 
 
+VARIANT_FORMS = "plain, sink, scale:F (F > 0), rank:R or layers:N (whole numbers >= 1)"
+
+
 def parse_variant(text: str) -> tuple[str, float]:
-    """'plain', 'sink' or 'scale:F' -> (kind, factor)."""
+    """'plain', 'sink', 'scale:F', 'rank:R' or 'layers:N' -> (kind, value)."""
     if text in ("plain", "sink"):
         return text, 1.0
-    if text.startswith("scale:"):
-        try:
-            factor = float(text.split(":", 1)[1])
-        except ValueError:
-            factor = 0.0
-        if factor > 0:
-            return "scale", factor
-    raise argparse.ArgumentTypeError(f"variant {text!r}: expected plain, sink or scale:F with F > 0")
+    kind, _, value = text.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if kind == "scale" and number > 0:
+        return kind, number
+    if kind in ("rank", "layers") and number >= 1 and number.is_integer():
+        return kind, number
+    raise argparse.ArgumentTypeError(f"variant {text!r}: expected {VARIANT_FORMS}")
+
+
+def variant_name(kind: str, value: float) -> str:
+    return kind if kind in ("plain", "sink") else f"{kind}:{value:g}"
+
+
+@contextlib.contextmanager
+def whole_first_layers(count: int):
+    """While active, `deltavlm train` trains the language model's first `count` decoder layers whole (their base
+    weights as well as their LoRA adapters): the layers that first read the soft prompt, free to re-represent it."""
+    report = {"tensors": 0, "parameters": 0}  # what was freed, filled in when the model is built
+    if not count:
+        yield report
+        return
+    import train.run_train as run_train
+
+    original = run_train.apply_lora
+    prefixes = tuple(f"language_model.model.layers.{index}." for index in range(count))
+
+    def apply_lora_and_free_layers(model, model_args):
+        peft_model = original(model, model_args)
+        for name, param in peft_model.named_parameters():
+            bare = name.replace("base_model.model.", "", 1)
+            if bare.startswith(prefixes) and not param.requires_grad:
+                param.requires_grad_(True)
+                report["tensors"] += 1
+                report["parameters"] += param.numel()
+        if not report["tensors"]:
+            raise ValueError(f"layers:{count}: no language-model layer parameter matched {prefixes[0]}...")
+        return peft_model
+
+    run_train.apply_lora = apply_lora_and_free_layers
+    try:
+        yield report
+    finally:
+        run_train.apply_lora = original
 
 
 @contextlib.contextmanager
@@ -133,9 +177,12 @@ def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir:
     model_out = scratch / "model"
     config = _write_train_config(scratch, start, data, model_out, max_steps=args.steps, seed=args.seed,
                                  task_weights=LOCALIZATION_ONLY, name="tail")
-    with sink_before_soft_prompt(variant == "sink"):
-        code = train_main(["--config", str(config), "--localization_cell_questions", str(args.questions),
-                           "--learning_rate", str(args.learning_rate)])
+    options = ["--localization_cell_questions", str(args.questions), "--learning_rate", str(args.learning_rate)]
+    if variant == "rank":  # alpha at twice the rank, as the demo's 16 / 32
+        options += ["--lora_r", str(int(factor)), "--lora_alpha", str(2 * int(factor))]
+    with sink_before_soft_prompt(variant == "sink"), \
+            whole_first_layers(int(factor) if variant == "layers" else 0) as freed:
+        code = train_main(["--config", str(config), *options])
         if code:
             raise RuntimeError(f"variant {variant}: training failed (exit code {code})")
         lines = answer(str(model_out), questions_dir, data / "images", "test", limit, scratch / "answers", task="binary")
@@ -144,6 +191,8 @@ def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir:
             control = answer(str(model_out), control_dir, data / "images", "test", control_limit, scratch / "control",
                              task="binary")
             result["unchanged_pairs"] = cell_question_statistics(control)
+    if variant == "layers":
+        result["trained_whole"] = freed
     return result
 
 
@@ -165,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--model", required=True, help="a trained Nano folder (a demo's model-mixed/ or model/)")
     parser.add_argument("--data", required=True, help="its synthetic data folder (annotations/ and images/)")
     parser.add_argument("--variants", nargs="+", type=parse_variant, default=[("plain", 1.0)],
-                        help="plain, sink, scale:F (default: plain)")
+                        help=f"{VARIANT_FORMS} (default: plain)")
     parser.add_argument("--steps", type=int, default=72)
     parser.add_argument("--questions", type=int, default=4, help="one-cell questions a category per sample")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -205,7 +254,7 @@ def main(argv=None):
         control_dir.mkdir()
         (control_dir / "changechat_test_binary.json").write_text(json.dumps(control))
         for kind, factor in args.variants:
-            name = kind if kind != "scale" else f"scale:{factor:g}"
+            name = variant_name(kind, factor)
             variant_dir = Path(scratch) / name.replace(":", "_")
             variant_dir.mkdir()
             results[name] = run_variant(kind, factor, args, variant_dir, questions_dir, len(questions),

@@ -559,3 +559,71 @@ def test_patch_grid_benchmark_warms_up_nano_at_each_image_size(tmp_path):
     wrong = subprocess.run(command[:2] + ["--image-sizes", "150"], capture_output=True, text=True, cwd=REPO,
                            timeout=300, check=False)
     assert wrong.returncode != 0 and "--image-sizes: Nano needs multiples of its 16 px patch" in wrong.stderr
+
+
+def test_reader_oracle_code_adds_each_true_cell_and_refuses_unknown_pairs(tmp_path, tiny_model, tiny_processor):
+    """bench_reader_oracle.oracle_code: a pair's query outputs gain one fixed direction per true (category, cell)
+    fact, scaled by each query's norm, and the soft prompt is projected from them; a pair outside the table fails
+    by name; scale 0 leaves the model alone."""
+    import torch
+
+    from benchmarks.bench_reader_oracle import cell_facts, oracle_code, pair_key
+    from modeling_deltavlm import DeltaVLMForConditionalGeneration
+    from train.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", 8, seed=3)
+    images = sorted((tmp_path / "data" / "images" / "train" / "A").glob("*.png"))[:2]
+    pairs = [(str(path), str(path).replace("/A/", "/B/")) for path in images]
+    inputs = tiny_processor(images=pairs, text=["where", "where"])
+    facts = cell_facts("roads ['top-left'] buildings ['center-center', 'bottom-right']")
+    assert facts.nonzero().flatten().tolist() == [0, 9 + 4, 9 + 8]
+    table = {pair_key(inputs["pixel_values"][0]): facts, pair_key(inputs["pixel_values"][1]): torch.zeros(18)}
+    arguments = {key: inputs[key] for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
+    with torch.no_grad():
+        plain = tiny_model.get_image_features(**arguments)
+        config = tiny_model.config
+        with oracle_code(table, 0.5, config.num_query_tokens, config.qformer_config.hidden_size):
+            coded = tiny_model.get_image_features(**arguments)
+            with pytest.raises(KeyError, match="not in the oracle's table"):
+                tiny_model.get_image_features(**{**arguments, "pixel_values": arguments["pixel_values"] + 1})
+        with oracle_code(table, 0.0, config.num_query_tokens, config.qformer_config.hidden_size):
+            untouched = tiny_model.get_image_features(**arguments)
+    change = coded.query_output - plain.query_output  # (2, Q, Hq)
+    assert torch.equal(change[1], torch.zeros_like(change[1]))  # no true cell, no code
+    # three unit directions per query, at half the query's norm: the change is at most 1.5 times that norm
+    norms = plain.query_output[0].norm(dim=-1)
+    assert (change[0].norm(dim=-1) > 0).all() and (change[0].norm(dim=-1) <= 1.5 * norms + 1e-4).all()
+    torch.testing.assert_close(coded.pooler_output, tiny_model.language_projection(coded.query_output))
+    torch.testing.assert_close(untouched.pooler_output, plain.pooler_output)
+    # the evaluation's path: pair_embeds computed once, a copy handed to the Q-Former, found by their values
+    with torch.no_grad(), oracle_code(table, 0.5, config.num_query_tokens, config.qformer_config.hidden_size):
+        pair_embeds = tiny_model.get_pair_embeds(inputs["pixel_values"]).pair_embeds
+        via_embeds = tiny_model.get_image_features(pair_embeds=pair_embeds[[0, 1]].clone(),
+                                                   qformer_input_ids=inputs["qformer_input_ids"],
+                                                   qformer_attention_mask=inputs["qformer_attention_mask"])
+    torch.testing.assert_close(via_embeds.query_output, coded.query_output)
+    restored = (DeltaVLMForConditionalGeneration.get_image_features.__name__,
+                DeltaVLMForConditionalGeneration.get_pair_embeds.__name__)
+    assert restored == ("get_image_features", "get_pair_embeds")
+
+
+def test_reader_oracle_benchmark(tmp_path, tiny_model_dir):
+    from train.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, 40, seed=3)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_reader_oracle.py"), "--model", str(tiny_model_dir),
+               "--data", str(data), "--steps", "1", "--limit", "4", "--scales", "0", "0.5", "--threads", "1",
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload, markdown = _load(tmp_path, "reader_oracle")
+    assert list(payload["scales"]) == ["0", "0.5"]
+    train_records = json.loads((data / "annotations" / "changechat_train.json").read_text())
+    assert payload["pairs_in_table"] == sum(r["id"].endswith("_loc") for r in train_records) + 4
+    for result in payload["scales"].values():
+        assert result["records"] == 4 and 0.0 <= result["micro_f1"]["roads"] <= 1.0
+    assert "code scale" in markdown
+    bad = subprocess.run(command[:2] + ["--model", str(tiny_model_dir), "--data", str(data), "--scales", "-1"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert bad.returncode == 2 and "--scales must be >= 0" in bad.stderr
