@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_localization_reading import answer, answer_statistics  # noqa: E402
-
-LOCALIZATION_ONLY = {"localization": 1.0, "count": 0.0, "caption": 0.0, "binary": 0.0, "open": 0.0, "dialogue": 0.0}
+from benchmarks.bench_reader_tail import LOCALIZATION_ONLY, check_model_and_data  # noqa: E402
 
 
 def pair_key(pixel_values: torch.Tensor) -> str:
@@ -163,12 +162,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     parser.add_argument("--name", default="reader_oracle", help="results file stem")
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    for path in (data / "annotations" / "changechat_train.json", data / "annotations" / "changechat_test_loc.json"):
-        if not path.is_file():
-            parser.error(f"--data {data}: {path} not found (expected a synthetic data set: deltavlm synth --out DIR)")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there")
+    data = check_model_and_data(parser, args)
     if args.steps < 1 or args.limit < 1:
         parser.error("--steps and --limit must be >= 1")
     if any(scale < 0 for scale in args.scales):

@@ -167,6 +167,18 @@ def unchanged_pair_records(annotations: Path, limit: int, seed: int = 0) -> list
     return records
 
 
+def check_model_and_data(parser: argparse.ArgumentParser, args) -> Path:
+    """`--data` must be a synthetic data set (training and test localization files), `--model` a model folder;
+    refused through `parser` naming the option. Returns the data folder."""
+    data = Path(args.data)
+    for path in (data / "annotations" / "changechat_train.json", data / "annotations" / "changechat_test_loc.json"):
+        if not path.is_file():
+            parser.error(f"--data {data}: {path} not found (expected a synthetic data set: deltavlm synth --out DIR)")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there")
+    return data
+
+
 def run_variant(variant: str, factor: float, args, scratch: Path, questions_dir: Path, limit: int,
                 control_dir: Path | None = None, control_limit: int = 0) -> dict:
     from train.demo import _write_train_config
@@ -224,12 +236,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     parser.add_argument("--name", default="reader_tail", help="results file stem")
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    for path in (data / "annotations" / "changechat_train.json", data / "annotations" / "changechat_test_loc.json"):
-        if not path.is_file():
-            parser.error(f"--data {data}: {path} not found (expected a synthetic data set: deltavlm synth --out DIR)")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: no config.json there")
+    data = check_model_and_data(parser, args)
     if args.steps < 1 or args.questions < 1:
         parser.error("--steps and --questions must be >= 1")
     torch.set_num_threads(args.threads)
