@@ -216,7 +216,6 @@ def build_nano(seed: int = 0, position_table: str = "normal", image_size: int = 
     torch.manual_seed(seed)
     tokenizer, qformer_tokenizer = load_nano_tokenizers()
     language_model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config_overrides["image_size"] = image_size
     image_processor = DeltaVLMImageProcessor(size={"height": image_size, "width": image_size})
     processor = DeltaVLMProcessor(
         image_processor,
@@ -234,7 +233,7 @@ def build_nano(seed: int = 0, position_table: str = "normal", image_size: int = 
     # and a leftover quantization_config would make Trainer refuse to train the model
     text_config.pop("quantization_config", None)
     text_config["pad_token_id"] = tokenizer.pad_token_id
-    config = nano_config(text_config, processor.image_token_id, **config_overrides)
+    config = nano_config(text_config, processor.image_token_id, image_size=image_size, **config_overrides)
     model = DeltaVLMForConditionalGeneration(config)
     set_position_table(model, position_table)
     model.language_model.load_state_dict(language_model.state_dict())

@@ -203,7 +203,8 @@ CELL_QUESTION = "Has any {category} changed in the {cell} cell of the 3x3 grid? 
 def add_cell_questions(samples: datasets.Dataset, per_category: int, template: str = "deltavlm",
                        seed: int = 0) -> datasets.Dataset:
     """Derive `per_category` yes/no questions per category (roads, buildings) from each localization sample ("has
-    any building changed in the top-left cell of the 3x3 grid?"), answered from that sample's own cell lists. The cell asked about is one the answer lists with probability 1/2 (when it lists any), else one it does not
+    any building changed in the top-left cell of the 3x3 grid?"), answered from that sample's own cell lists. The
+    cell asked about is one the answer lists with probability 1/2 (when it lists any), else one it does not
     (one draw per question from `seed`). The new samples are tagged "localization", so `task_weights` apply to them.
 
     Why: a localization answer is a list in which every cell is a decision; trained only on the lists, a short

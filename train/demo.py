@@ -148,9 +148,12 @@ def _image_size(value: str) -> int:
 
     try:
         size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    try:
         check_image_size(size)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error) if "patch" in str(error) else f"not a whole number: {value!r}") from None
+        raise argparse.ArgumentTypeError(str(error)) from None
     return size
 
 
